@@ -1,0 +1,56 @@
+"""Etapa 02: carga el modelo base (4 bits + LoRA en GPU; fp32 + LoRA en CPU) y registra sus respuestas "antes".
+
+Uso:
+    python 02_load_model.py                       # modelo por defecto según el dispositivo
+    python 02_load_model.py --model smollm2-135m  # modelo integrado, sin red
+    python 02_load_model.py --model unsloth/Llama-3.2-1B-Instruct --lora-r 16 --output-dir salida
+
+Crea el directorio de salida con run.json, el adaptador inicial y contraste/antes.jsonl.
+"""
+
+from afinar import cli, settings
+from afinar.errors import main_guard
+
+
+def parse_args(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--model", default=None,
+                   help="id del Hub, carpeta local o 'smollm2-135m' (por defecto: unsloth/Llama-3.2-1B-Instruct "
+                        "con GPU, smollm2-135m sin GPU: el integrado funciona sin red)")
+    p.add_argument("--backend", choices=["auto", "unsloth", "hf"], default="auto",
+                   help="auto: Unsloth si hay CUDA y está instalado, si no transformers + PEFT (por defecto: auto)")
+    p.add_argument("--load-in-4bit", dest="load_in_4bit", action="store_true", default=None,
+                   help="cargar la base en 4 bits (nf4) (por defecto: sí con GPU, para caber en una T4; no en CPU)")
+    p.add_argument("--no-load-in-4bit", dest="load_in_4bit", action="store_false",
+                   help="cargar la base en 16 bits en GPU (más rápido y más memoria)")
+    p.add_argument("--lora-r", type=int, default=16, help=settings.help_text("lora_r", "rango de LoRA"))
+    p.add_argument("--lora-alpha", type=int, default=None, help=settings.help_text("lora_alpha", "alpha de LoRA"))
+    p.add_argument("--lora-dropout", type=float, default=0.0, help=settings.help_text("lora_dropout", "dropout de LoRA"))
+    p.add_argument("--max-seq-length", type=int, default=None,
+                   help=settings.help_text("max_seq_length", "longitud máxima en tokens"))
+    p.add_argument("--seed", type=int, default=None, help=settings.help_text("seed", "semilla"))
+    p.add_argument("--questions", default="preguntas_contraste.json",
+                   help="preguntas de contraste (por defecto: preguntas_contraste.json)")
+    p.add_argument("--max-new-tokens", type=int, default=200,
+                   help="tokens máximos por respuesta (por defecto: 200, de sobra para un párrafo; el corte delata "
+                        "a un modelo que no sabe parar)")
+    p.add_argument("--gen-batch-size", type=int, default=8,
+                   help="preguntas generadas a la vez, con relleno a la izquierda (por defecto: 8)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="borrar un directorio de salida que ya tiene contenido (por defecto: no, se protege)")
+    return p.parse_args(cli.argv_or_notebook(argv))
+
+
+@main_guard
+def main(argv=None):
+    from afinar import stage_load
+
+    args = parse_args(argv)
+    result = stage_load.run(args)
+    layout = result["layout"]
+    print(f"\nListo. Manifiesto: {layout.manifest}\nRespuestas 'antes': {layout.answers_before}\n"
+          f"Siguiente paso: python 03_train_model.py --output-dir {layout.root}")
+
+
+if __name__ == "__main__":
+    main()

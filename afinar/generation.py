@@ -1,0 +1,299 @@
+"""Answering the contrast questions (batched, left-padded) and the interactive chat.
+
+Stage 02 answers with the base model ("antes") and stage 04 with the tuned one ("después") through
+`generate_answers`, with the same settings, so the two sets of answers differ only by the training.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence, TextIO
+
+from .errors import UserError
+from .prompts import ensure_pad_token, question_messages, user_text
+from .questions import question_text
+
+# 200 tokens: the training answers are short paragraphs (44-75 tokens with the SmolLM2 tokenizer, fewer with
+# Llama's), so a model that learned to stop has ~3x headroom, while one that loops is cut after a bounded time
+# and the cut itself shows up as ended_with_eos=False.
+DEFAULT_MAX_NEW_TOKENS = 200
+DEFAULT_BATCH_SIZE = 8
+
+
+def generate_answers(
+    model,
+    tokenizer,
+    questions: Sequence[str | dict[str, Any]],
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+    do_sample: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Answer each question; one row per question, in the given order.
+
+    Row: {"question", "text", "ended_with_eos", "new_tokens", "seconds"}. `new_tokens` counts the generated
+    tokens including the final EOS; `seconds` is the row's share of its batch's wall time (a batch is timed as
+    a whole), so the rows add up to the total. Greedy unless do_sample. Batches are left-padded; a batch that
+    runs out of GPU memory is answered one question at a time and later batches are halved.
+    """
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens debe ser al menos 1 (se pidió {max_new_tokens}).")
+    if batch_size < 1:
+        raise UserError(f"El tamaño de lote de generación debe ser al menos 1 (se pidió {batch_size}).")
+    log = log or _stderr_log
+    texts = [question_text(q) for q in questions]
+    if not texts:
+        return []
+    ensure_pad_token(tokenizer)
+    prompts = [chat_prompt_ids(tokenizer, question_messages(text)) for text in texts]
+    # Similar lengths share a batch, so little compute goes to padding; rows are put back in order at the end.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    options = _generate_options(model, tokenizer, max_new_tokens, do_sample)
+    _seed_everything(seed)
+
+    results: dict[int, dict[str, Any]] = {}
+    with _inference(model):
+        start = 0
+        while start < len(order):
+            chunk = order[start:start + batch_size]
+            try:
+                answered = _answer_chunk(model, tokenizer, [prompts[i] for i in chunk], options)
+            except Exception as err:  # noqa: BLE001 - only out-of-memory is handled, the rest is re-raised
+                if not _is_out_of_memory(err) or len(chunk) == 1:
+                    raise
+                _free_accelerator_memory()
+                log(f"Aviso: sin memoria al generar {len(chunk)} respuestas a la vez; se generan de una en una "
+                    f"y los lotes siguientes serán de {max(1, batch_size // 2)}.")
+                batch_size = max(1, batch_size // 2)
+                answered = [row for i in chunk for row in _answer_chunk(model, tokenizer, [prompts[i]], options)]
+            for index, row in zip(chunk, answered):
+                results[index] = {"question": texts[index], **row}
+            start += len(chunk)
+    return [results[i] for i in range(len(texts))]
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+def left_padded_batch(tokenizer, prompts: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """input_ids and attention_mask tensors with the padding on the left.
+
+    Left, so every row's last column is its own last prompt token and all rows continue from the same column.
+    """
+    with _padding_side(tokenizer, "left"):
+        return tokenizer.pad({"input_ids": [list(p) for p in prompts]}, padding=True, return_tensors="pt",
+                             return_attention_mask=True)
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an assistant turn: the tokenizer's EOS plus the model's (Llama 3 lists several)."""
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for candidate in [tokenizer.eos_token_id, *(_as_list(configured))]:
+        if candidate is not None and int(candidate) not in ids:
+            ids.append(int(candidate))
+    if not ids:
+        raise ValueError("Ni el tokenizador ni el modelo definen un token EOS.")
+    return ids
+
+
+def split_generated(new_ids: Sequence[int], stop_ids: Sequence[int], pad_id: int | None) -> tuple[list[int], bool]:
+    """The tokens one row really generated (through its EOS) and whether it stopped on EOS.
+
+    Rows that finish early in a batch are filled with pad up to the longest row; those fillers are dropped.
+    """
+    stops = set(stop_ids)
+    kept: list[int] = []
+    for token in new_ids:
+        token = int(token)
+        kept.append(token)
+        if token in stops:
+            return kept, True
+    while kept and pad_id is not None and kept[-1] == pad_id and pad_id not in stops:
+        kept.pop()
+    return kept, False
+
+
+def chat(
+    model,
+    tokenizer,
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    input_fn: Callable[[str], str] = input,
+    output: TextIO = sys.stdout,
+) -> list[dict[str, str]]:
+    """Talk to the model turn by turn, streaming its tokens, until an empty line (or end of input).
+
+    The conversation keeps the training prompt definition (same system prompt, same chat template) and the
+    whole history; the oldest turns are dropped only if the history would not fit in the context window.
+    Returns the conversation as chat messages.
+    """
+    from transformers import TextStreamer
+
+    class _Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            output.write(text + ("\n" if stream_end else ""))
+            output.flush()
+
+    ensure_pad_token(tokenizer)
+    stop_ids = stop_token_ids(model, tokenizer)
+    device = _model_device(model)
+    history: list[dict[str, str]] = []
+    output.write("Chat con el modelo afinado. Escribe tu pregunta; una línea vacía termina.\n")
+    output.flush()
+    import torch
+
+    with _inference(model):
+        while True:
+            try:
+                line = input_fn("Tú: ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            if history:
+                history.append({"role": "user", "content": user_text(line)})
+            else:
+                history = question_messages(line)
+            prompt = _fit_context(model, tokenizer, history, max_new_tokens)
+            output.write("Modelo: ")
+            output.flush()
+            input_ids = torch.tensor([prompt], device=device)
+            generated = model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                do_sample=False, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+                streamer=_Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+            )
+            reply_ids, _ = split_generated(generated[0, len(prompt):].tolist(), stop_ids, tokenizer.pad_token_id)
+            history.append({"role": "assistant", "content": decode(tokenizer, reply_ids)})
+    output.write("Fin del chat.\n")
+    output.flush()
+    return history
+
+
+def decode(tokenizer, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+
+
+def _answer_chunk(model, tokenizer, prompts: list[list[int]], options: dict[str, Any]) -> list[dict[str, Any]]:
+    batch = left_padded_batch(tokenizer, prompts)
+    device = _model_device(model)
+    batch = {key: value.to(device) for key, value in batch.items()}
+    started = time.perf_counter()
+    generated = model.generate(**batch, **options)
+    _synchronize(device)
+    seconds = time.perf_counter() - started
+    prompt_width = batch["input_ids"].shape[1]
+    rows = []
+    for sequence in generated[:, prompt_width:].tolist():
+        ids, ended = split_generated(sequence, options["eos_token_id"], options["pad_token_id"])
+        rows.append({"text": decode(tokenizer, ids), "ended_with_eos": ended, "new_tokens": len(ids),
+                     "seconds": round(seconds / len(prompts), 4)})
+    return rows
+
+
+def _generate_options(model, tokenizer, max_new_tokens: int, do_sample: bool) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        "num_beams": 1,
+        "eos_token_id": stop_token_ids(model, tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if not do_sample:
+        # Llama's generation_config ships temperature/top_p for sampling; blank them so greedy runs warn-free.
+        options.update({"temperature": None, "top_p": None, "top_k": None})
+    return options
+
+
+def _fit_context(model, tokenizer, history: list[dict[str, str]], max_new_tokens: int) -> list[int]:
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    prompt = chat_prompt_ids(tokenizer, history)
+    # history[0] is the system prompt and history[-1] the new question: drop whole old turns in between.
+    while limit and len(prompt) + max_new_tokens > limit and len(history) > 3:
+        del history[1:3]
+        prompt = chat_prompt_ids(tokenizer, history)
+    return prompt
+
+
+@contextmanager
+def _inference(model) -> Iterator[None]:
+    """Eval mode (no dropout: greedy must be reproducible) and no autograd; restores the previous mode."""
+    import torch
+
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
+@contextmanager
+def _padding_side(tokenizer, side: str) -> Iterator[None]:
+    previous = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = previous
+
+
+def _model_device(model):
+    import torch
+
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if getattr(device, "type", None) == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seed_everything(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _free_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _stderr_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,184 @@
+"""Loading the base model and its LoRA adapter, through Unsloth (GPU) or transformers + PEFT (CPU/GPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from . import embedded
+from .environment import DeviceInfo, unsloth_available
+from .errors import UserError
+from .prompts import ensure_pad_token
+from .settings import LORA_TARGET_MODULES
+
+
+def resolve_model(name: str) -> tuple[str, str]:
+    """Map --model to (display name, loadable path or hub id).
+
+    Local folders are used as they are; hub ids must already be in the local cache when offline.
+    """
+    if name == embedded.EMBEDDED_ALIAS:
+        return embedded.ORIGINAL_HUB_ID, str(embedded.ensure_checkpoint())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"La carpeta {path} no contiene config.json: no es un modelo de transformers.")
+        return name, str(path.resolve())
+    if name.count("/") != 1:
+        raise UserError(
+            f"--model {name}: no es una carpeta local ni un identificador del Hub (usuario/modelo), "
+            f"ni el modelo integrado '{embedded.EMBEDDED_ALIAS}'."
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        # Offline first: a model already in the cache must never trigger a download attempt.
+        local = snapshot_download(name, local_files_only=True, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"])
+        return name, local
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UserError(
+            f"El modelo {name} no está en la caché local y HF_HUB_OFFLINE=1 impide descargarlo. "
+            f"Descárgalo en una máquina con red (huggingface-cli download {name} --local-dir MI_CARPETA), "
+            f"cópialo aquí y pasa --model MI_CARPETA; o usa --model {embedded.EMBEDDED_ALIAS}."
+        )
+    try:
+        return name, snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"])
+    except Exception as err:  # network errors come in many types; the message is what matters
+        raise UserError(
+            f"No se pudo descargar {name} ({type(err).__name__}). Comprueba la conexión o el nombre, o "
+            f"descárgalo en otra máquina y pasa --model CARPETA_LOCAL."
+        ) from None
+
+
+def resolve_backend(requested: str, device: DeviceInfo) -> str:
+    if requested == "unsloth":
+        if device.kind != "cuda":
+            raise UserError(
+                "--backend unsloth necesita una GPU con CUDA y aquí no hay ninguna. Usa --backend hf "
+                "(transformers + PEFT, funciona en CPU) o ejecuta en una máquina con GPU."
+            )
+        if not unsloth_available():
+            raise UserError("Unsloth no está instalado. Ejecuta bash 01_setup.sh o usa --backend hf.")
+        return "unsloth"
+    if requested == "hf":
+        return "hf"
+    return "unsloth" if device.kind == "cuda" and unsloth_available() else "hf"
+
+
+def _torch_dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def load_base(path: str, *, backend: str, load_in_4bit: bool, precision: str, max_seq_length: int):
+    """Return (model, tokenizer) for the base model, without adapter."""
+    if backend == "unsloth":
+        import unsloth  # noqa: F401  (must be imported before transformers patches are applied)
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=path, max_seq_length=max_seq_length, dtype=_torch_dtype(precision),
+            load_in_4bit=load_in_4bit, trust_remote_code=False,
+        )
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        kwargs: dict[str, Any] = {"dtype": _torch_dtype(precision), "trust_remote_code": False}
+        if load_in_4bit:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=_torch_dtype(precision),
+            )
+            kwargs["device_map"] = {"": 0}
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        if not load_in_4bit:
+            import torch
+
+            if torch.cuda.is_available():
+                model = model.to("cuda")
+    ensure_pad_token(tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.chat_template is None:
+        raise UserError(f"El tokenizador de {path} no tiene plantilla de chat: usa un modelo *-Instruct.")
+    return model, tokenizer
+
+
+def add_lora(model, *, backend: str, lora_r: int, lora_alpha: int, lora_dropout: float, seed: int,
+             gradient_checkpointing: bool = False):
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        return FastLanguageModel.get_peft_model(
+            model, r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=LORA_TARGET_MODULES,
+            bias="none", use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+            random_state=seed,
+        )
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)  # the LoRA A matrices are random: same seed, same starting adapter
+    if getattr(model, "is_loaded_in_4bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    config = LoraConfig(
+        r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=LORA_TARGET_MODULES,
+        bias="none", task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def load_adapter_weights(peft_model, adapter_dir: Path) -> None:
+    """Put saved adapter weights into a freshly built PEFT model of the same shape."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights_file = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights_file.exists():
+        raise UserError(f"No se encuentra {weights_file}: falta el adaptador de una etapa anterior.")
+    result = set_peft_model_state_dict(peft_model, load_file(str(weights_file)))
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise UserError(f"El adaptador {adapter_dir} no corresponde a este modelo (claves inesperadas: {unexpected[:3]}).")
+
+
+def adapter_config(adapter_dir: Path) -> dict:
+    return json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+
+
+def build(settings: dict[str, Any], device: DeviceInfo, precision: str, adapter_dir: Path | None = None,
+          gradient_checkpointing: bool = False):
+    """Base + LoRA exactly as stage 02 defined them, optionally with saved adapter weights loaded."""
+    model, tokenizer = load_base(
+        settings["base_path"], backend=settings["backend"], load_in_4bit=settings["load_in_4bit"],
+        precision=precision, max_seq_length=settings["max_seq_length"],
+    )
+    model = add_lora(
+        model, backend=settings["backend"], lora_r=settings["lora_r"], lora_alpha=settings["lora_alpha"],
+        lora_dropout=settings["lora_dropout"], seed=settings["seed"], gradient_checkpointing=gradient_checkpointing,
+    )
+    if adapter_dir is not None:
+        load_adapter_weights(model, adapter_dir)
+    return model, tokenizer
+
+
+def save_adapter(peft_model, tokenizer, target: Path, base_model_name: str) -> None:
+    """Safetensors only, into a temp folder swapped in whole."""
+    from . import atomic
+
+    with atomic.atomic_dir(target) as tmp:
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        config_path = tmp / "adapter_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        # Record the public name, not a cache path of this machine, so the adapter is portable.
+        config["base_model_name_or_path"] = base_model_name
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")

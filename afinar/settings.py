@@ -1,0 +1,67 @@
+"""Defaults, chosen per device, and how later stages inherit them from run.json.
+
+Each default carries the trade-off that picked it; the --help texts quote these reasons.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+GPU_DEFAULT_MODEL = "unsloth/Llama-3.2-1B-Instruct"
+CPU_DEFAULT_MODEL = "smollm2-135m"
+
+# name -> (gpu default, cpu default, why)
+DEFAULTS: dict[str, tuple[Any, Any, str]] = {
+    "lora_r": (16, 16, "rango 16: buen equilibrio entre capacidad y memoria; más alto aprende más y ocupa más"),
+    "lora_alpha": (16, 16, "alpha = r deja la escala de LoRA en 1, la receta de los cuadernos de Unsloth"),
+    "lora_dropout": (0.0, 0.0, "0: con pocas épocas no hace falta regularizar y Unsloth lo acelera"),
+    "max_seq_length": (2048, 512, "2048 en GPU cubre ensayos largos; 512 en CPU basta para tu_dataset.json y es 4x más barato"),
+    "learning_rate": (2e-4, 1e-3, "2e-4 es lo habitual en QLoRA; en CPU, con pocos pasos, un modelo de 135M necesita más"),
+    "epochs": (3.0, 3.0, "3 pasadas por un conjunto de ~200 entradas fijan el estilo sin memorizarlo"),
+    "max_steps": (None, None, "sin límite: manda --epochs; úsalo para pruebas rápidas"),
+    "batch_size": (8, 4, "8 en GPU; 4 en CPU, donde más lote no da más velocidad con 2 núcleos"),
+    "grad_accum": (1, 1, "1: con lotes de 4-8 y pocas entradas, acumular solo reduce el número de pasos"),
+    "seed": (42, 42, "fija el orden de los datos y la inicialización de LoRA para poder repetir el resultado"),
+    "warmup_ratio": (0.05, 0.05, "un calentamiento corto evita pasos bruscos al principio"),
+    "save_steps": (100, 50, "guardar cada N pasos; además se guarda cada --save-minutes"),
+    "save_minutes": (10.0, 10.0, "una desconexión de Colab pierde como mucho 10 minutos de trabajo"),
+    "logging_steps": (5, 5, "una línea de registro cada 5 pasos"),
+}
+
+# Settings fixed by stage 02 (the adapter's shape): 03 and 04 must not change them.
+LOAD_KEYS = ("model", "base_path", "backend", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout")
+TRAIN_KEYS = ("max_seq_length", "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "seed",
+              "warmup_ratio", "save_steps", "save_minutes", "logging_steps")
+
+
+def default(name: str, device_kind: str) -> Any:
+    gpu, cpu, _ = DEFAULTS[name]
+    return gpu if device_kind == "cuda" else cpu
+
+
+def why(name: str) -> str:
+    return DEFAULTS[name][2]
+
+
+def help_text(name: str, text: str) -> str:
+    gpu, cpu, reason = DEFAULTS[name]
+    shown = f"{gpu}" if gpu == cpu else f"GPU {gpu}, CPU {cpu}"
+    return f"{text} (por defecto: {shown}; {reason})"
+
+
+def inherit(recorded: dict[str, Any], overrides: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """Take each key from run.json unless a flag overrides it, and say which one won."""
+    resolved = {}
+    for key in keys:
+        flag = "--" + key.replace("_", "-")
+        value = overrides.get(key)
+        if value is None:
+            resolved[key] = recorded.get(key)
+            print(f"  heredado de run.json: {key} = {resolved[key]}")
+        else:
+            if key in recorded and recorded[key] != value:
+                print(f"  NOTA: {flag} {value} sustituye a {key} = {recorded[key]} de run.json")
+            resolved[key] = value
+    return resolved

@@ -1,0 +1,167 @@
+"""Stage 04: the 'after' answers and the contrast report, then merge, GGUF, model card and push."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from . import atomic, manifest, modeling
+from .environment import detect_device
+from .errors import UserError
+from .layout import OutputLayout
+
+PUSH_PARTS = ("adapter", "merged", "gguf")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _eval_entries(layout: OutputLayout, eval_file: str | None) -> tuple[list[dict], str | None]:
+    if eval_file:
+        from .data_check import load_entries
+
+        return load_entries(eval_file), str(eval_file)
+    if layout.eval_split.exists():
+        return _read_jsonl(layout.eval_split), manifest.relative(layout, layout.eval_split)
+    return [], None
+
+
+def _check_push_first(args) -> dict | None:
+    """Token and repo are checked before any heavy work: a missing token must not cost a merge."""
+    if not (args.push or args.push_only):
+        return None
+    if not args.repo_id:
+        raise UserError("--push necesita --repo-id usuario/nombre.")
+    from .hub import check_push_access, get_token
+
+    return check_push_access(args.repo_id, get_token())
+
+
+def _parts(what: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in what.split(",") if p.strip())
+    unknown = [p for p in parts if p not in PUSH_PARTS]
+    if unknown:
+        raise UserError(f"--what: partes desconocidas {unknown}; elige entre {', '.join(PUSH_PARTS)}.")
+    return parts
+
+
+def run_contrast(args, layout: OutputLayout, run_manifest: dict, model, tokenizer) -> dict:
+    from .contrast import build_contrast
+    from .generation import generate_answers
+    from .perplexity import perplexity
+    from .questions import load_questions
+    from .report import write_reports
+
+    questions = load_questions(run_manifest.get("questions_file") or args.questions)
+    gen = run_manifest.get("generation", {})
+    max_new_tokens = args.max_new_tokens or gen.get("max_new_tokens", 200)
+    print(f"Respondiendo {len(questions)} preguntas de contraste con el modelo afinado (después) ...", flush=True)
+    after = generate_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens,
+                             batch_size=gen.get("batch_size", 8), seed=run_manifest["settings"]["seed"])
+    atomic.write_jsonl(layout.answers_after, after)
+    before = _read_jsonl(layout.answers_before)
+
+    entries, source = _eval_entries(layout, args.eval_file)
+    ppl_before = ppl_after = None
+    if entries:
+        print(f"Perplejidad sobre {len(entries)} entradas apartadas ({source}) ...", flush=True)
+        max_len = run_manifest["settings"]["max_seq_length"]
+        # The base model is the tuned one with its adapter switched off: the same weights 02 used,
+        # scored here on exactly the same tokens as the tuned model.
+        with model.disable_adapter():
+            ppl_before = perplexity(model, tokenizer, entries, max_seq_length=max_len, batch_size=4)
+        ppl_after = perplexity(model, tokenizer, entries, max_seq_length=max_len, batch_size=4)
+    contrast = build_contrast(questions, before, after, ppl_before, ppl_after)
+    contrast["perplexity_source"] = source
+    write_reports(layout, contrast)
+    return contrast
+
+
+def run(args) -> dict[str, Any]:
+    layout = OutputLayout.at(args.output_dir)
+    run_manifest = manifest.read(layout)
+    manifest.require_stage(run_manifest, "load", layout)
+    manifest.require_stage(run_manifest, "train", layout)
+    push_access = _check_push_first(args)
+    parts = _parts(args.what)
+
+    if args.push_only:
+        return {"layout": layout, "push": _push(args, layout, run_manifest, parts, push_access)}
+
+    record = run_manifest.get("stages", {}).get("export")
+    if record and record.get("status") == "done" and not args.overwrite and not args.chat:
+        raise UserError(
+            f"La etapa 04 ya exportó en {layout.root} ({record.get('finished_at')}). Usa --overwrite para repetirla "
+            f"o --push-only para volver a subir lo que ya existe."
+        )
+
+    settings = run_manifest["settings"]
+    device = detect_device()
+    print("Cargando el modelo base con el adaptador entrenado ...", flush=True)
+    model, tokenizer = modeling.build(settings, device, settings.get("precision", "fp32"), adapter_dir=layout.adapter)
+    model.eval()
+
+    if args.chat:
+        from .generation import chat
+
+        chat(model, tokenizer, max_new_tokens=args.max_new_tokens or 300)
+        return {"layout": layout}
+
+    started = time.perf_counter()
+    contrast = run_contrast(args, layout, run_manifest, model, tokenizer)
+    del model
+    result: dict[str, Any] = {"layout": layout, "contrast": contrast}
+    export_record: dict[str, Any] = {
+        "contrast": manifest.relative(layout, layout.contrast_json),
+        "report_md": manifest.relative(layout, layout.contrast_md),
+        "report_html": manifest.relative(layout, layout.contrast_html),
+        "verdict": contrast["verdict"],
+        "perplexity": contrast["perplexity"],
+    }
+
+    if not args.no_merge:
+        from .merge import merge_adapter
+
+        print("Fusionando el adaptador con los pesos originales en 16 bits ...", flush=True)
+        merge = merge_adapter(settings["base_path"], layout.adapter, layout.merged, dtype=args.merge_dtype)
+        export_record["merge"] = merge
+        formats = [f.strip() for f in args.gguf.split(",") if f.strip() and f.strip() != "none"]
+        if formats:
+            from .gguf_export import export_gguf
+            from .modelfile import write_modelfile
+
+            print(f"Exportando GGUF ({', '.join(formats)}) ...", flush=True)
+            files = export_gguf(layout.merged, layout.gguf_dir, tuple(formats))
+            preferred = next((f for f in files if f["type"] == "q8_0"), files[0])
+            write_modelfile(Path(preferred["path"]), layout.gguf_dir / "Modelfile", tokenizer)
+            export_record["gguf"] = [{**f, "path": manifest.relative(layout, Path(f["path"]))} for f in files]
+
+    _write_cards(layout, run_manifest, args.repo_id)
+    export_record["seconds"] = round(time.perf_counter() - started, 1)
+    manifest.record_stage(layout, run_manifest, "export", **export_record)
+    if args.push:
+        result["push"] = _push(args, layout, run_manifest, parts, push_access)
+    return result
+
+
+def _write_cards(layout: OutputLayout, run_manifest: dict, repo_id: str | None) -> None:
+    from .model_card import write_model_card
+
+    contrast_md = layout.contrast_md.read_text(encoding="utf-8") if layout.contrast_md.exists() else None
+    for folder, kind in ((layout.adapter, "adapter"), (layout.merged, "merged"), (layout.gguf_dir, "gguf")):
+        if folder.exists():
+            write_model_card(folder, kind=kind, manifest=run_manifest, contrast_md=contrast_md, repo_id=repo_id)
+
+
+def _push(args, layout: OutputLayout, run_manifest: dict, parts: tuple[str, ...], access: dict | None) -> dict:
+    from .hub import get_token, push
+
+    print(f"Subiendo {', '.join(parts)} a {args.repo_id} ...", flush=True)
+    result = push(layout, args.repo_id, get_token(), private=args.private, what=parts)
+    run_manifest = manifest.read(layout)
+    run_manifest.setdefault("pushes", []).append({"at": manifest.now_iso(), "access": access, **result})
+    manifest.write(layout, run_manifest)
+    return result

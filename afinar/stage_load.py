@@ -1,0 +1,102 @@
+"""Stage 02: load the base model with a fresh LoRA adapter, record the 'before' answers, create run.json."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from . import atomic, manifest, modeling, settings
+from .environment import detect_device, library_versions, precision_for
+from .errors import UserError
+from .layout import OutputLayout
+
+
+def prepare_output_dir(layout: OutputLayout, overwrite: bool) -> None:
+    root = layout.root
+    if root.exists() and any(root.iterdir()):
+        if not overwrite:
+            produced = ""
+            if layout.manifest.exists():
+                try:
+                    data = manifest.read(layout)
+                    done = [f"{name} ({rec.get('finished_at', '?')})" for name, rec in data.get("stages", {}).items()]
+                    produced = f" Contiene el resultado de las etapas: {', '.join(done) or 'ninguna terminada'}."
+                except UserError:
+                    pass
+            raise UserError(
+                f"El directorio de salida {root} no está vacío.{produced} Usa --overwrite para empezar de nuevo "
+                f"(se borrará su contenido) o elige otro --output-dir."
+            )
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+
+
+def run(args) -> dict[str, Any]:
+    layout = OutputLayout.at(args.output_dir)
+    device = detect_device()
+    model_name = args.model or (settings.GPU_DEFAULT_MODEL if device.kind == "cuda" else settings.CPU_DEFAULT_MODEL)
+    backend = modeling.resolve_backend(args.backend, device)
+    if args.load_in_4bit and device.kind != "cuda":
+        raise UserError("--load-in-4bit necesita una GPU con CUDA (bitsandbytes); en CPU el modelo se carga en fp32.")
+    load_in_4bit = device.kind == "cuda" if args.load_in_4bit is None else args.load_in_4bit
+
+    questions = _load_questions(args.questions)
+    prepare_output_dir(layout, args.overwrite)
+    print(f"Dispositivo: {device.kind} ({device.name}); backend: {backend}; modelo: {model_name}", flush=True)
+    display_name, base_path = modeling.resolve_model(model_name)
+    precision = precision_for(device)
+
+    resolved = {key: settings.default(key, device.kind) for key in settings.TRAIN_KEYS}
+    resolved.update({
+        "model": display_name, "base_path": base_path, "backend": backend, "load_in_4bit": load_in_4bit,
+        "lora_r": args.lora_r, "lora_alpha": args.lora_alpha if args.lora_alpha is not None else args.lora_r,
+        "lora_dropout": args.lora_dropout, "precision": precision,
+    })
+    if args.max_seq_length:
+        resolved["max_seq_length"] = args.max_seq_length
+    if args.seed is not None:
+        resolved["seed"] = args.seed
+    run_manifest = {
+        "schema": 1,
+        "created_at": manifest.now_iso(),
+        "model": {"base_model": display_name, "base_path": base_path, "backend": backend,
+                  "load_in_4bit": load_in_4bit},
+        "settings": resolved,
+        "device": device.as_dict(),
+        "versions": library_versions(),
+        "questions_file": str(Path(args.questions).resolve()),
+        "generation": {"max_new_tokens": args.max_new_tokens, "do_sample": False, "batch_size": args.gen_batch_size},
+        "stages": {},
+    }
+    manifest.write(layout, run_manifest)
+
+    started = time.perf_counter()
+    print("Cargando el modelo base y preparando LoRA ...", flush=True)
+    model, tokenizer = modeling.build(resolved, device, precision)
+    load_seconds = time.perf_counter() - started
+    modeling.save_adapter(model, tokenizer, layout.initial_adapter, display_name)
+
+    print(f"Respondiendo {len(questions)} preguntas de contraste con el modelo base (antes) ...", flush=True)
+    from .generation import generate_answers
+
+    with model.disable_adapter():
+        rows = generate_answers(model, tokenizer, questions, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.gen_batch_size, seed=resolved["seed"])
+    atomic.write_jsonl(layout.answers_before, rows)
+
+    manifest.record_stage(
+        layout, run_manifest, "load",
+        seconds=round(time.perf_counter() - started, 1), load_seconds=round(load_seconds, 1),
+        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        initial_adapter=manifest.relative(layout, layout.initial_adapter),
+        answers_before=manifest.relative(layout, layout.answers_before),
+    )
+    return {"layout": layout, "rows": rows}
+
+
+def _load_questions(path: str):
+    from .questions import load_questions
+
+    return load_questions(path)

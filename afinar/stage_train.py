@@ -1,0 +1,81 @@
+"""Stage 03: check the data, train the LoRA adapter, save it with its metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from . import manifest, modeling, settings
+from .environment import detect_device
+from .errors import UserError
+from .layout import OutputLayout
+
+
+def check_only(dataset_path: str) -> str:
+    from .data import check_only as _check_only
+
+    return _check_only(dataset_path)
+
+
+def _refuse_rerun(layout: OutputLayout, run_manifest: dict, overwrite: bool, resume: bool) -> None:
+    record = run_manifest.get("stages", {}).get("train")
+    if record and record.get("status") == "done" and not (overwrite or resume):
+        raise UserError(
+            f"La etapa 03 ya entrenó un adaptador en {layout.adapter} ({record.get('finished_at')}). "
+            f"Usa --overwrite para entrenar de nuevo desde cero."
+        )
+
+
+def run(args) -> dict[str, Any]:
+    layout = OutputLayout.at(args.output_dir)
+    run_manifest = manifest.read(layout)
+    manifest.require_stage(run_manifest, "load", layout)
+    _refuse_rerun(layout, run_manifest, args.overwrite, args.resume)
+    if args.overwrite and not args.resume:
+        import shutil
+
+        shutil.rmtree(layout.checkpoints, ignore_errors=True)
+        layout.metrics.unlink(missing_ok=True)
+
+    print("Ajustes (heredados de la etapa 02 salvo que una opción los cambie):")
+    recorded = run_manifest["settings"]
+    overrides = {key: getattr(args, key, None) for key in settings.TRAIN_KEYS}
+    resolved = {**recorded, **settings.inherit(recorded, overrides, settings.TRAIN_KEYS)}
+
+    from transformers import AutoTokenizer
+
+    from .data import prepare
+    from .prompts import ensure_pad_token
+
+    tokenizer = AutoTokenizer.from_pretrained(resolved["base_path"], trust_remote_code=False)
+    ensure_pad_token(tokenizer)
+    prepared = prepare(
+        args.dataset, hub_specs=args.hub_dataset or (), hub_ratio=args.hub_ratio,
+        keep_duplicates=args.keep_duplicates, drop_non_spanish=args.drop_non_spanish, mix_ratio=args.mix_ratio,
+        eval_fraction=args.eval_fraction, seed=resolved["seed"], tokenizer=tokenizer,
+        max_seq_length=resolved["max_seq_length"], layout=layout,
+    )
+
+    device = detect_device()
+    precision = resolved.get("precision") or "fp32"
+    print("Cargando el modelo con el adaptador inicial ...", flush=True)
+    model, tokenizer = modeling.build(resolved, device, precision, adapter_dir=layout.initial_adapter)
+
+    from .training import finite_adapter, train
+
+    started = time.perf_counter()
+    metrics = train(model, tokenizer, prepared.train, layout=layout, settings=resolved, precision=precision,
+                    resume=args.resume, packing=args.packing)
+    if not finite_adapter(model):
+        raise UserError("El adaptador entrenado contiene NaN o infinitos: no se guarda. Baja --learning-rate.")
+    modeling.save_adapter(model, tokenizer, layout.adapter, run_manifest["model"]["base_model"])
+
+    run_manifest["settings"] = resolved
+    manifest.record_stage(
+        layout, run_manifest, "train",
+        seconds=round(time.perf_counter() - started, 1), dataset=str(args.dataset), data=prepared.summary,
+        metrics=metrics, adapter=manifest.relative(layout, layout.adapter),
+        metrics_file=manifest.relative(layout, layout.metrics), loss_plot=manifest.relative(layout, layout.loss_plot),
+        eval_split=manifest.relative(layout, layout.eval_split) if layout.eval_split.exists() else None,
+    )
+    return {"layout": layout, "metrics": metrics}

@@ -1,0 +1,233 @@
+"""Supervised fine-tuning with TRL's SFTTrainer, with our metrics, NaN guard and time-based checkpoints."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from . import atomic
+from .errors import UserError
+from .layout import OutputLayout
+from .prompts import tokenize_example
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, step: int, value: float):
+        super().__init__(f"loss {value} at step {step}")
+        self.step = step
+        self.value = value
+
+
+def triton_available() -> bool:
+    """TRL 1.15's fused LM head needs Triton (a CUDA build); on CPU we compute the loss ourselves."""
+    try:
+        import torch
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+def build_dataset(entries: list[dict], tokenizer, max_seq_length: int):
+    from datasets import Dataset
+
+    rows = [tokenize_example(tokenizer, entry, max_seq_length) for entry in entries]
+    return Dataset.from_list(rows)
+
+
+def _make_trainer_class():
+    import torch
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    use_fused_head = triton_available()
+
+    class AfinarTrainer(SFTTrainer):
+        """SFTTrainer that keeps our data order, counts real tokens and stops on a non-finite loss."""
+
+        real_tokens = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mask = inputs.get("attention_mask")
+            self.real_tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            if use_fused_head:
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            else:
+                # TRL 1.15 always routes through a Triton-only fused LM head, which crashes on CPU
+                # ('NoneType' object has no attribute 'apply'). The plain Trainer loss is the same
+                # token-mean cross-entropy over the labels we built, so CPU and GPU share TRL 1.15.0.
+                result = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            loss = result[0] if return_outputs else result
+            if not torch.isfinite(loss.detach()).all():
+                raise NonFiniteLoss(self.state.global_step + 1, float(loss.detach().float().mean()))
+            return result
+
+    return AfinarTrainer
+
+
+def _make_callbacks(layout: OutputLayout, save_minutes: float, total_steps_hint: int | None):
+    from transformers import TrainerCallback
+
+    class MetricsCallback(TrainerCallback):
+        """One fixed-format line per logging step, and metrics.jsonl rewritten atomically."""
+
+        def __init__(self):
+            self.rows: list[dict] = []
+            self.start = None
+            self.last_tokens = 0
+            self.last_time = None
+            self.trainer = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = self.last_time = time.perf_counter()
+            if layout.metrics.exists():  # resuming: keep what was logged before the interruption
+                self.rows = [json.loads(line) for line in layout.metrics.read_text().splitlines() if line.strip()]
+                self.rows = [r for r in self.rows if r["step"] <= state.global_step]
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            now = time.perf_counter()
+            tokens = self.trainer.real_tokens if self.trainer else 0
+            rate = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+            self.last_tokens, self.last_time = tokens, now
+            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 3), "loss": round(logs["loss"], 5),
+                   "learning_rate": logs.get("learning_rate"), "tokens_per_second": round(rate, 1),
+                   "grad_norm": logs.get("grad_norm")}
+            self.rows.append(row)
+            atomic.write_jsonl(layout.metrics, self.rows)
+            print(f"step={row['step']} loss={row['loss']:.4f} lr={row['learning_rate']:.2e} "
+                  f"tokens_per_second={row['tokens_per_second']:.0f}", flush=True)
+
+    class TimedCheckpointCallback(TrainerCallback):
+        """Save every `save_minutes` as well as every `save_steps`: bounds the work a disconnect loses."""
+
+        def __init__(self):
+            self.last = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.monotonic() - self.last >= save_minutes * 60:
+                control.should_save = True
+            if control.should_save:
+                self.last = time.monotonic()
+            return control
+
+    return MetricsCallback(), TimedCheckpointCallback()
+
+
+def last_checkpoint(layout: OutputLayout) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not layout.checkpoints.exists():
+        return None
+    found = get_last_checkpoint(str(layout.checkpoints))
+    return Path(found) if found else None
+
+
+def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, settings: dict[str, Any],
+          precision: str, resume: bool = False, packing: bool = False) -> dict[str, Any]:
+    """Run SFT and return the metrics for run.json. The adapter itself is saved by the caller."""
+    from trl import SFTConfig
+
+    dataset = build_dataset(train_entries, tokenizer, settings["max_seq_length"])
+    max_steps = settings.get("max_steps") or -1
+    config = SFTConfig(
+        output_dir=str(layout.checkpoints),
+        per_device_train_batch_size=settings["batch_size"],
+        gradient_accumulation_steps=settings["grad_accum"],
+        learning_rate=settings["learning_rate"],
+        num_train_epochs=settings["epochs"],
+        max_steps=max_steps,
+        warmup_steps=settings["warmup_ratio"],  # a float below 1 is a ratio of the total steps
+        lr_scheduler_type="linear",
+        logging_steps=settings["logging_steps"],
+        save_strategy="steps",
+        save_steps=settings["save_steps"],
+        save_total_limit=2,
+        seed=settings["seed"],
+        data_seed=settings["seed"],
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        max_length=settings["max_seq_length"],
+        packing=packing,
+        report_to="none",
+        # The stream is already shuffled and interleaved (long essays / short Q&A) by afinar.data;
+        # a random sampler would undo the interleaving.
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        use_cpu=precision == "fp32" and not _cuda(),
+    )
+    trainer_cls = _make_trainer_class()
+    metrics_cb, timed_cb = _make_callbacks(layout, settings["save_minutes"], None)
+    trainer = trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                          callbacks=[metrics_cb, timed_cb])
+    metrics_cb.trainer = trainer
+
+    resume_from = None
+    if resume:
+        resume_from = last_checkpoint(layout)
+        if resume_from is None:
+            print("No hay checkpoints previos: el entrenamiento empieza desde el principio.")
+        else:
+            print(f"Reanudando desde {resume_from}")
+    started = time.perf_counter()
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except NonFiniteLoss as err:
+        good = last_checkpoint(layout)
+        kept = f"Se conserva el último checkpoint bueno: {good}." if good else "No había ningún checkpoint guardado."
+        raise UserError(
+            f"La pérdida dejó de ser finita ({err.value}) en el paso {err.step}: el entrenamiento se detuvo y no se "
+            f"guardó ningún adaptador. {kept} Prueba con un --learning-rate más bajo o revisa los datos."
+        ) from None
+    seconds = time.perf_counter() - started
+    rows = metrics_cb.rows
+    _plot_loss(layout, rows)
+    return {
+        "global_step": trainer.state.global_step,
+        "planned_steps": trainer.state.max_steps,
+        "final_loss": rows[-1]["loss"] if rows else output.training_loss,
+        "first_loss": rows[0]["loss"] if rows else None,
+        "train_loss": output.training_loss,
+        "seconds": round(seconds, 1),
+        "real_tokens": trainer.real_tokens,
+        "tokens_per_second": round(trainer.real_tokens / max(seconds, 1e-9), 1),
+        "train_examples": len(dataset),
+        "resumed_from": str(resume_from.relative_to(layout.root)) if resume_from else None,
+        "fused_lm_head": triton_available(),
+    }
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _plot_loss(layout: OutputLayout, rows: list[dict]) -> None:
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o", markersize=3)
+    ax.set_xlabel("paso")
+    ax.set_ylabel("pérdida (entropía cruzada)")
+    ax.set_title("Curva de pérdida del entrenamiento")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic.atomic_path(layout.loss_plot) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def finite_adapter(peft_model) -> bool:
+    import torch
+
+    return all(torch.isfinite(p).all() for n, p in peft_model.named_parameters() if "lora_" in n)
