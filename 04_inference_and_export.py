@@ -20,7 +20,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-file", default=None,
                    help="entradas Alpaca para medir la perplejidad (por defecto: las apartadas por la etapa 03)")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="tokens máximos por respuesta (por defecto: los mismos que usó la etapa 02)")
+                   help="tokens máximos por respuesta en --chat (por defecto: 300); la prueba de contraste usa "
+                        "siempre los de la etapa 02 para comparar en igualdad de condiciones")
     p.add_argument("--chat", action="store_true", help="abrir un chat interactivo con el modelo afinado y terminar")
     p.add_argument("--no-merge", action="store_true", help="no fusionar ni exportar (solo la prueba de contraste)")
     p.add_argument("--merge-dtype", choices=["bfloat16", "float16"], default="bfloat16",

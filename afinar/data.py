@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import random
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from . import atomic
 from .data_check import plural, read_dataset
@@ -65,14 +66,14 @@ def check_only(path: str | Path) -> str:
     result = clean(checked.entries)
     flags = long_flags(checked.entries)
     n_long = sum(flags)
-    median_words = statistics.median(word_count(e["output"]) for e in checked.entries)
+    median_words = f"{statistics.median(word_count(e['output']) for e in checked.entries):g}".replace(".", ",")
     kind = "lista JSON" if checked.format == "json" else "JSON Lines"
     bom = ", con BOM" if checked.had_bom else ""
     n = len(checked.entries)
     return (
         f"El archivo «{checked.path}» es válido: {plural(n, 'entrada')} en formato {kind}{bom}, "
         f"{checked.with_input} con campo «input». Respuestas largas (≥ {LONG_MIN_WORDS} palabras): {n_long}; "
-        f"cortas: {n - n_long}; mediana de {median_words:g} palabras por respuesta. "
+        f"cortas: {n - n_long}; mediana de {median_words} palabras por respuesta. "
         f"Duplicados exactos: {len(result.exact)}; casi duplicados (Jaccard ≥ {_share(NEAR_DUPLICATE_THRESHOLD)}): "
         f"{len(result.near)}; al entrenar se descartan salvo con --keep-duplicates. "
         f"Entradas que no parecen estar en español: {len(result.non_spanish)} (se descartan con --drop-non-spanish). "
@@ -89,7 +90,15 @@ class _Pool:
 
     entries: list[dict[str, str]]
     origin: list[int | None]
-    labels: list[str]
+    hubs: list[HubEntries]
+
+    def label(self, index: int) -> str:
+        """'entrada 7' for the local file, '«set» n.º 3' for a Hub set (built on demand, not per entry)."""
+        hub = self.origin[index]
+        if hub is None:
+            return f"entrada {index + 1}"
+        first = self.origin.index(hub)
+        return f"«{self.hubs[hub].spec.name}» n.º {index - first + 1}"
 
 
 def _load_hub(hub_specs: Iterable[str | HubSpec], seed: int) -> list[HubEntries]:
@@ -108,12 +117,10 @@ def _load_hub(hub_specs: Iterable[str | HubSpec], seed: int) -> list[HubEntries]
 def _build_pool(local: list[dict], hubs: list[HubEntries]) -> _Pool:
     entries = list(local)
     origin: list[int | None] = [None] * len(local)
-    labels = [f"entrada {i + 1}" for i in range(len(local))]
     for h, hub in enumerate(hubs):
         entries += hub.entries
         origin += [h] * len(hub.entries)
-        labels += [f"«{hub.spec.name}» n.º {i + 1}" for i in range(len(hub.entries))]
-    return _Pool(entries, origin, labels)
+    return _Pool(entries, origin, hubs)
 
 
 def _pick_hub(hub_indices: list[int], n_local_train: int, hub_ratio: float, seed: int) -> list[int]:
@@ -127,14 +134,14 @@ def _pick_hub(hub_indices: list[int], n_local_train: int, hub_ratio: float, seed
 
 
 def _cleaning_summary(result: CleanResult, pool: _Pool, keep_duplicates: bool, drop_non_spanish: bool) -> dict:
-    duplicate_examples = [f"{pool.labels[d.index]} repite {pool.labels[d.kept]} (idéntica)" for d in result.exact]
+    duplicate_examples = [f"{pool.label(d.index)} repite {pool.label(d.kept)} (idéntica)" for d in result.exact]
     duplicate_examples += [
-        f"{pool.labels[d.index]} casi repite {pool.labels[d.kept]} (similitud {_share(d.similarity)})"
+        f"{pool.label(d.index)} casi repite {pool.label(d.kept)} (similitud {_share(d.similarity)})"
         for d in result.near
     ]
     duplicate_examples = duplicate_examples[:MAX_EXAMPLES_IN_REPORT]
     non_spanish_examples = [
-        f"{pool.labels[f.index]}: idioma «{f.language}» (probabilidad {_share(f.probability)})"
+        f"{pool.label(f.index)}: idioma «{f.language}» (probabilidad {_share(f.probability)})"
         for f in result.non_spanish[:MAX_EXAMPLES_IN_REPORT]
     ]
     return {
@@ -154,11 +161,11 @@ def _cleaning_summary(result: CleanResult, pool: _Pool, keep_duplicates: bool, d
 
 
 def _log_cleaning(result: CleanResult, keep_duplicates: bool, drop_non_spanish: bool) -> None:
-    verb = "conservados (--keep-duplicates)" if keep_duplicates else "descartados"
-    log(f"Limpieza: {len(result.exact)} duplicados exactos y {len(result.near)} casi duplicados {verb}.")
+    verb = "se conservan (--keep-duplicates)" if keep_duplicates else "se descartan"
+    log(f"Limpieza: duplicados exactos: {len(result.exact)}; casi duplicados: {len(result.near)}; {verb}.")
     if result.non_spanish:
-        verb = "descartadas" if drop_non_spanish else "marcadas (usa --drop-non-spanish para descartarlas)"
-        log(f"Limpieza: {plural(len(result.non_spanish), 'entrada')} no parecen estar en español, {verb}.")
+        verb = "se descartan" if drop_non_spanish else "solo se marcan (usa --drop-non-spanish para descartarlas)"
+        log(f"Limpieza: entradas que no parecen estar en español: {len(result.non_spanish)}; {verb}.")
 
 
 def _write_eval(layout, eval_entries: list[dict]) -> None:
@@ -189,6 +196,10 @@ def prepare(
         raise UserError(f"hub_ratio debe estar entre 0 y 1 (sin incluir el 1); se recibió {hub_ratio}.")
     if window < 1:
         raise UserError(f"La ventana del intercalado debe ser de al menos 1 ejemplo; se recibió {window}.")
+    if mix_ratio is not None and not 0.0 < mix_ratio < 1.0:
+        raise UserError(f"mix_ratio debe estar entre 0 y 1 (sin incluirlos); se recibió {mix_ratio}.")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise UserError(f"eval_fraction debe estar entre 0 y 1 (sin incluir el 1); se recibió {eval_fraction}.")
     log(f"Datos: leyendo «{dataset_path}» ...")
     checked = read_dataset(dataset_path)
     log(f"Datos: {plural(len(checked.entries), 'entrada válida', 'entradas válidas')} "
@@ -196,8 +207,9 @@ def prepare(
     for notice in checked.notices:
         log(f"Aviso: {notice}")
     hubs = _load_hub(hub_specs, seed)
+    if hubs and hub_ratio == 0:
+        log("Aviso: hub_ratio=0: no se usa ninguna entrada del Hub.")
     pool = _build_pool(checked.entries, hubs)
-    del checked.entries  # the pool holds them now; no second list
     notices = list(checked.notices) + [n for hub in hubs for n in hub.notices]
 
     result = clean(pool.entries, keep_duplicates=keep_duplicates, drop_non_spanish=drop_non_spanish)

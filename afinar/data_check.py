@@ -17,9 +17,10 @@ import json
 import re
 import threading
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .errors import UserError
 
@@ -290,22 +291,26 @@ def _record_bad_byte(err: UnicodeDecodeError) -> tuple[str, int]:
 codecs.register_error("afinar.record_bad_utf8", _record_bad_byte)
 
 
-def _decode_reporting(data: bytes, base_offset: int, problems: Problems) -> str:
-    """Decode UTF-8; every invalid byte sequence becomes a problem with its byte offset in the file."""
+def _decode_reporting(data: bytes, start: int, problems: Problems) -> str:
+    """Decode data[start:] as UTF-8; every invalid byte sequence becomes a problem with its file offset.
+
+    A memoryview skips the BOM without copying the whole file once more.
+    """
+    view = memoryview(data)[start:]
     try:
-        return data.decode("utf-8")
+        return codecs.decode(view, "utf-8")
     except UnicodeDecodeError:
         pass
     with _bad_offsets_lock:
         _bad_offsets.clear()
-        text = data.decode("utf-8", errors="afinar.record_bad_utf8")
-        offsets = list(_bad_offsets)
+        text = codecs.decode(view, "utf-8", "afinar.record_bad_utf8")
+        offsets = [start + offset for offset in _bad_offsets]
     line, counted_to = 1, 0
     for offset in offsets:
         line += data.count(b"\n", counted_to, offset)
         counted_to = offset
         problems.add(
-            f"byte {base_offset + offset} (línea {line})",
+            f"byte {offset} (línea {line})",
             f"bytes que no son UTF-8 válido (0x{data[offset]:02x}); guarda el archivo con codificación UTF-8",
         )
     return text
@@ -314,14 +319,12 @@ def _decode_reporting(data: bytes, base_offset: int, problems: Problems) -> str:
 # --------------------------------------------------------------------------------------------------- readers
 
 RecordHook = Callable[[Any], Any]
-
-
 Consumer = Callable[[Any, str], None]
 
 
 def _read_array(data: bytes, bom: int, problems: Problems, consume: Consumer) -> None:
-    text = _decode_reporting(data[bom:], bom, problems)
-    del data
+    text = _decode_reporting(data, bom, problems)
+    del data  # only the text remains while the entries are built
     start = _JSON_WHITESPACE.match(text).end()
     for where, record in _iter_array(text, start, problems):
         consume(record, where)
@@ -338,9 +341,8 @@ def _read_line_bounded(handle, limit: int) -> tuple[bytes, bool]:
             return b"", True
 
 
-def _read_jsonl(path: Path, problems: Problems, consume: Consumer, bom: int) -> tuple[int, bool]:
-    """Returns (blank lines skipped, whether line 1 was a JSON syntax error, as in a pretty-printed object)."""
-    blank_lines = 0
+def _read_jsonl(path: Path, problems: Problems, consume: Consumer, bom: int) -> bool:
+    """Returns whether line 1 was a JSON syntax error, as it is in a pretty-printed single object."""
     first_line_broken = False
     with open(path, "rb") as handle:
         handle.seek(bom)
@@ -366,7 +368,6 @@ def _read_jsonl(path: Path, problems: Problems, consume: Consumer, bom: int) -> 
                 continue
             line = line.rstrip("\r\n")
             if not line.strip():
-                blank_lines += 1
                 continue
             try:
                 record = _DECODER.decode(line)
@@ -381,7 +382,7 @@ def _read_jsonl(path: Path, problems: Problems, consume: Consumer, bom: int) -> 
                 problems.add(where, "JSON con demasiados niveles de anidamiento")
                 continue
             consume(record, where)
-    return blank_lines, first_line_broken
+    return first_line_broken
 
 
 def _looks_like_single_object(path: Path, bom: int) -> bool:
@@ -408,7 +409,7 @@ def _first_char(path: Path) -> tuple[str, int, bytes]:
                 return "", bom, head
 
 
-def _parse_file(path: Path, consume: "_Validator | _Collector") -> tuple[str, int]:
+def _parse_file(path: Path, consume: _Validator | _Collector) -> tuple[str, int]:
     """Feed every top-level record of `path` to consume(record, position); returns (format, BOM length).
 
     Raises UserError for a missing or empty file and, after reading everything, for every syntax,
@@ -430,7 +431,7 @@ def _parse_file(path: Path, consume: "_Validator | _Collector") -> tuple[str, in
     if first == "[":
         _read_array(path.read_bytes(), bom, consume.problems, consume)
         return "json", bom
-    _, first_line_broken = _read_jsonl(path, consume.problems, consume, bom)
+    first_line_broken = _read_jsonl(path, consume.problems, consume, bom)
     if first_line_broken and _looks_like_single_object(path, bom):
         raise UserError(
             f"El archivo «{source}» contiene un único objeto JSON; se esperaba una lista de entradas "

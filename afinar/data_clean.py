@@ -7,11 +7,12 @@ MinHash signatures (datasketch) banded with the (b, r) that datasketch's MinHash
 every candidate pair is then confirmed with the exact Jaccard similarity, so the LSH only decides what gets
 compared. The bands live in a numpy array instead of MinHashLSH's own index because its one-set-per-bucket
 storage took about four times the memory of the entries themselves on 50,000 entries. 3-word shingles and
-0.7 catch a one- or two-word edit of a 30-word answer (a 5-word shingle misses those) while the paraphrased
-pairs of the course data stay far below (their similarity is under 0.3).
+0.7 catch a one-word edit of a 30-word entry and a two-word edit of a 40-word one (5-word shingles miss
+those), while the paraphrased pairs of the course data stay far below (at most 0.15 in tu_dataset.json).
 The earliest entry of each group is the one kept, so local entries (read first) win over Hub copies.
 
-Language: py3langid (offline) on instruction + output. An entry is flagged as not Spanish only when the
+Language: py3langid (offline) on instruction + output (their first LANGUAGE_MAX_CHARS characters; `input` is
+left out because it is often text to translate or correct). An entry is flagged as not Spanish only when the
 text has at least LANGUAGE_MIN_WORDS words, the top language is not Spanish or a variety langid confuses with
 it, and that language has probability >= LANGUAGE_MIN_PROBABILITY. Short texts ("Define mitosis.") are
 never flagged: with a handful of words the identifier is little better than a guess.
@@ -37,6 +38,8 @@ _BATCH = 2048
 
 LANGUAGE_MIN_WORDS = 6
 LANGUAGE_MIN_PROBABILITY = 0.75
+# The opening of a text tells its language as well as the whole, and caps the cost of 100,000-char fields.
+LANGUAGE_MAX_CHARS = 1000
 # langid labels that short or technical Spanish is often given; they are not counted as "foreign".
 SPANISH_LIKE = frozenset({"es", "an", "ast", "ext", "lad"})
 
@@ -76,7 +79,8 @@ def entry_text(entry: dict) -> str:
 
 
 def _exact_key(entry: dict) -> bytes:
-    parts = (_SPACES.sub(" ", (entry.get(name) or "")).strip().casefold() for name in ("instruction", "input", "output"))
+    fields = ("instruction", "input", "output")
+    parts = (_SPACES.sub(" ", entry.get(name) or "").strip().casefold() for name in fields)
     # Hashing keeps one 16-byte key per entry instead of a second copy of every text.
     return hashlib.blake2b("\x1f".join(parts).encode("utf-8"), digest_size=16).digest()
 
@@ -192,7 +196,7 @@ def _identifier():
 
 def guess_language(entry: dict) -> tuple[str | None, float]:
     """(language, probability) of instruction + output, or (None, 0.0) when the text is too short to tell."""
-    text = f"{entry['instruction']}\n{entry['output']}"
+    text = f"{entry['instruction']}\n{entry['output']}"[:LANGUAGE_MAX_CHARS]
     if len(_WORD.findall(text)) < LANGUAGE_MIN_WORDS:
         return None, 0.0
     language, probability = _identifier().classify(text)

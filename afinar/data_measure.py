@@ -114,7 +114,8 @@ def render_report(summary: dict[str, Any], histogram_name: str | None = None) ->
     clean = summary["cleaning"]
     mix = summary["mix"]
     lines = ["# Informe de datos de entrenamiento", "", "## Origen", ""]
-    lines.append(f"- Archivo: `{src['path']}` ({src['format']}{', con BOM' if src.get('bom') else ''})")
+    kind = "lista JSON" if src["format"] == "json" else "JSON Lines"
+    lines.append(f"- Archivo: `{src['path']}` ({kind}{', con BOM' if src.get('bom') else ''})")
     lines.append(f"- Entradas válidas leídas: {_fmt(src['entries'])} ({_fmt(src['with_input'])} con «input»)")
     for notice in summary.get("notices", []):
         lines.append(f"- Aviso: {notice}")
@@ -123,16 +124,18 @@ def render_report(summary: dict[str, Any], histogram_name: str | None = None) ->
     lines.append(f"- Duplicados exactos: {_fmt(clean['exact_duplicates'])}; casi duplicados "
                  f"(Jaccard ≥ {_share(clean['near_threshold'])} sobre grupos de {clean['shingle_words']} palabras): "
                  f"{_fmt(clean['near_duplicates'])}. {action}.")
+    for item in clean.get("duplicate_examples", []):
+        lines.append(f"  - {item}")
     language_action = "descartadas" if clean["drop_non_spanish"] else "solo marcadas (se entrenan igualmente)"
     lines.append(f"- Entradas que no parecen estar en español: {_fmt(clean['non_spanish'])}, {language_action}.")
     for item in clean.get("non_spanish_examples", []):
         lines.append(f"  - {item}")
-    for item in clean.get("duplicate_examples", []):
-        lines.append(f"  - {item}")
     if summary.get("hub"):
-        lines += ["", "## Conjuntos del Hub", "", "| conjunto | disponibles | inválidas | usadas |", "|---|---:|---:|---:|"]
+        lines += ["", "## Conjuntos del Hub", "",
+                  "| conjunto | filas | no válidas | cargadas | usadas |", "|---|---:|---:|---:|---:|"]
         for hub in summary["hub"]:
-            lines.append(f"| `{hub['name']}` | {_fmt(hub['loaded'])} | {_fmt(hub['invalid'])} | {_fmt(hub['used'])} |")
+            cells = (hub["available"], hub["invalid"], hub["loaded"], hub["used"])
+            lines.append(f"| `{hub['name']}` | " + " | ".join(_fmt(c) for c in cells) + " |")
         lines.append("")
         lines.append(f"Proporción del Hub pedida: {_share(summary['hub_ratio'])}; "
                      f"obtenida: {_share(summary['hub_share'])}.")

@@ -1,7 +1,8 @@
 """The training order: long essays and short answers interleaved evenly, the held-out split, packing checks.
 
-Kinds: an entry is "long" when its output has at least LONG_MIN_WORDS words (the course essays run 150-220
-words, short answers 8-40, medium ones 45-140, so 100 splits essays from everything else).
+Kinds: an entry is "long" when its output has at least LONG_MIN_WORDS words. The course essays run 150-220
+words, short answers 8-40 and medium explanations 45-140 (tu_dataset.json: 20-37, 93-123 and 194-219), so 150
+sits in the gap below the essays; a cut at 100 would split the medium answers at random.
 
 Interleaving: each kind is shuffled with the seed, then merged so that after n examples exactly
 floor(n * p + 1/2) of them are long (p = share of long). Any window of K consecutive examples then holds
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 from .errors import UserError
 
-LONG_MIN_WORDS = 100
+LONG_MIN_WORDS = 150
 MAX_REPEATS = 4
 
 _WORD = re.compile(r"\S+")

@@ -55,7 +55,9 @@ def get_token() -> str | None:
 
 
 def _running_in_colab() -> bool:
-    return "google.colab" in sys.modules or bool(os.environ.get("COLAB_RELEASE_TAG"))
+    # Only inside the notebook kernel, where google.colab is already imported: in a `!python` child
+    # process the secrets API has no kernel to ask, so it is not even tried there.
+    return "google.colab" in sys.modules
 
 
 def _token_from_colab() -> str | None:
@@ -110,7 +112,9 @@ def hub_endpoint() -> str:
 def _api(token: str):
     from huggingface_hub import HfApi
 
-    return HfApi(endpoint=hub_endpoint(), token=token, library_name="afinar")
+    from . import __version__
+
+    return HfApi(endpoint=hub_endpoint(), token=token, library_name="afinar", library_version=__version__)
 
 
 def _redact(text: str, token: str | None) -> str:
@@ -273,11 +277,18 @@ def _token_can_write(access: dict[str, Any], namespace: str, repo_id: str) -> bo
 # ----------------------------------------------------------------------------------------------- push
 
 
-def retry_command(layout: OutputLayout, repo_id: str) -> str:
-    return (
+def retry_command(layout: OutputLayout, repo_id: str, *, private: bool = False,
+                  parts: Iterable[str] = PARTS) -> str:
+    """The 04 command line that repeats only the upload, with the same repo, visibility and parts."""
+    command = (
         f"python {STAGE_SCRIPTS['export']} --output-dir {shlex.quote(str(layout.root))} "
         f"--push-only --repo-id {shlex.quote(repo_id)}"
     )
+    if private:
+        command += " --private"
+    if set(parts) != set(PARTS):
+        command += f" --what {','.join(p for p in PARTS if p in parts)}"
+    return command
 
 
 def artifact_folder(layout: OutputLayout, part: str) -> Path:
@@ -359,7 +370,8 @@ def push(
         if "merged" not in parts:
             record["root_card"] = _upload_root_card(api, layout, repo_id, parts)
     except _network_errors() as err:
-        raise UserError(_push_failed_message(layout, repo_id, err, token, record)) from None
+        retry = retry_command(layout, repo_id, private=private, parts=parts)
+        raise UserError(_push_failed_message(layout, repo_id, err, token, record, retry)) from None
     record["pushed_at"] = now_iso()
     return record
 
@@ -402,11 +414,13 @@ def _upload_root_card(api, layout: OutputLayout, repo_id: str, parts: list[str])
     return None
 
 
-def _push_failed_message(layout: OutputLayout, repo_id: str, err: BaseException, token: str, record: dict) -> str:
+def _push_failed_message(
+    layout: OutputLayout, repo_id: str, err: BaseException, token: str, record: dict, retry: str
+) -> str:
     status = _status_code(err)
     detail = _redact(f"{type(err).__name__}: {err}", token)
     cause = err.__cause__
-    if cause is not None:
+    if cause is not None and str(cause) not in str(err):
         detail += _redact(f" ({type(cause).__name__}: {cause})", token)
     done = ", ".join(record.get("parts", {})) or "ninguna"
     if status in (401, 403):
@@ -418,5 +432,5 @@ def _push_failed_message(layout: OutputLayout, repo_id: str, err: BaseException,
         f"(HTTP {status if status is not None else 'sin respuesta'}). {hint}\n"
         f"Detalle: {detail}\n"
         f"Partes ya publicadas: {done}. Los archivos locales de {layout.root} están intactos; "
-        f"para reintentar solo la publicación, sin recalcular nada:\n  {retry_command(layout, repo_id)}"
+        f"para reintentar solo la publicación, sin recalcular nada:\n  {retry}"
     )

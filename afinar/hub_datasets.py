@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .data_check import read_records, validate_records
+from .data_check import plural, read_records, validate_records
 from .errors import UserError
 
 
@@ -81,30 +81,42 @@ def parse_hub_spec(text: str) -> HubSpec:
 
 
 def map_columns(record, columns: dict[str, str] | None = None):
-    """Rename a raw row's columns to instruction/input/output (known mapping first, then aliases)."""
+    """Rename a raw row's columns to instruction/input/output (known mapping first, then aliases).
+
+    Columns that map to none of them are kept, so the extra-field notice still names them.
+    """
     if not isinstance(record, dict):
         return record
-    mapped = {}
+    mapped: dict = {}
+    consumed: set = set()
     for source, target in (columns or {}).items():
-        if source in record:
+        if source in record and target not in mapped:
             mapped[target] = record[source]
-    lowered = {str(key).strip().lower(): key for key in record}
+            consumed.add(source)
+    by_lower_name = {str(key).strip().lower(): key for key in record}
     for target, aliases in COLUMN_ALIASES.items():
         if target in mapped:
             continue
         for alias in aliases:
-            if alias in lowered:
-                mapped[target] = record[lowered[alias]]
+            key = by_lower_name.get(alias)
+            if key is not None and key not in consumed:
+                mapped[target] = record[key]
+                consumed.add(key)
                 break
-    used = set(mapped) | {key for key in record if key in (columns or {})}
-    for key, value in record.items():  # keep the rest so the extra-field notice still names them
-        if key not in used and key not in mapped:
+    for key, value in record.items():
+        if key not in consumed and key not in mapped:
             mapped[key] = value
     return mapped
 
 
 def _is_offline() -> bool:
     return any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on") for var in _OFFLINE_VARS)
+
+
+def _library_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -144,14 +156,18 @@ def _rows_from_hub(name: str) -> list[dict]:
             "instruction/input/output o equivalentes como instruccion/entrada/respuesta)."
         )
     offline = _is_offline()
+    if offline and not _library_offline():
+        # The variable was set after huggingface_hub was imported: the library would still go to the
+        # network and retry for about half a minute, so do not call it.
+        raise _offline_error(name, "el modo sin conexión está activado (HF_HUB_OFFLINE)")
     if not offline and not _hub_reachable():
-        raise _offline_error(name, "no hay conexión de red con huggingface.co")
+        raise _offline_error(name, "no hay conexión de red con el Hub")
     import datasets
 
     try:
         dataset = datasets.load_dataset(name, split=known.split)
     except Exception as err:  # datasets raises many types (ConnectionError, FileNotFoundError, HfHubHTTPError...)
-        reason = "el modo sin conexión está activado (HF_HUB_OFFLINE) y no hay copia en caché" if offline else (
+        reason = "el modo sin conexión está activado (HF_HUB_OFFLINE) y no hay copia en la caché" if offline else (
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         )
         raise _offline_error(name, reason) from None
@@ -203,11 +219,14 @@ def load_hub_entries(spec: HubSpec, seed: int = 42) -> HubEntries:
     else:
         rows = _rows_from_local(path) if is_local else _rows_from_hub(spec.name)
     entries, notices, problems = validate_records(rows, spec.name)
+    notices = [f"«{spec.name}»: {notice[0].lower()}{notice[1:]}" for notice in notices]
     available = len(rows)
     del rows
     if problems:
         first = "; ".join(problems.listed[:3])
-        notices.append(f"«{spec.name}»: se omiten {problems.total} filas no válidas (p. ej. {first}).")
+        skipped = plural(problems.total, "fila no válida", "filas no válidas")
+        verb = "se omite" if problems.total == 1 else "se omiten"
+        notices.append(f"«{spec.name}»: {verb} {skipped} (p. ej. {first}).")
     if not entries:
         raise UserError(f"El conjunto «{spec.name}» no tiene ninguna fila válida con instruction y output.")
     entries = _sample(entries, spec.limit, seed)

@@ -162,15 +162,22 @@ def verification_inputs(tokenizer, questions: Iterable[str] | None = None) -> li
 
 
 def compute_logits(model, inputs: list[list[int]]):
-    """Logits of every position of every prompt, in fp32, stacked into one [positions, vocab] tensor."""
+    """Logits of every real position of every prompt, in fp32, stacked into one [positions, vocab] tensor.
+
+    One right-padded batch: a causal model never lets a real token see the padding after it, and one
+    large matrix product is several times faster on a CPU than one per prompt.
+    """
     import torch
 
-    rows = []
+    longest = max(len(ids) for ids in inputs)
+    input_ids = torch.zeros((len(inputs), longest), dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for row, ids in enumerate(inputs):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
     with torch.inference_mode():
-        for ids in inputs:
-            out = model(input_ids=torch.tensor([ids], device=model.device))
-            rows.append(out.logits[0].float().cpu())
-    return torch.cat(rows, dim=0)
+        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits
+    return torch.cat([logits[row, : len(ids)].float().cpu() for row, ids in enumerate(inputs)], dim=0)
 
 
 def compare_logits(reference, candidate) -> dict[str, Any]:

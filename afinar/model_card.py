@@ -286,7 +286,7 @@ def _chat_snippet(load_lines: str) -> str:
         "entrada = tokenizer.apply_chat_template(\n"
         '    mensajes, add_generation_prompt=True, return_tensors="pt", return_dict=True\n'
         ")\n"
-        "salida = modelo.generate(**entrada, max_new_tokens=256, do_sample=False)\n"
+        "salida = modelo.generate(**entrada, max_new_tokens=256, do_sample=False, repetition_penalty=1.1)\n"
         'respuesta = salida[0][entrada["input_ids"].shape[1]:]\n'
         "print(tokenizer.decode(respuesta, skip_special_tokens=True))\n"
         "```"

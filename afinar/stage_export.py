@@ -57,7 +57,8 @@ def run_contrast(args, layout: OutputLayout, run_manifest: dict, model, tokenize
 
     questions = load_questions(run_manifest.get("questions_file") or args.questions)
     gen = run_manifest.get("generation", {})
-    max_new_tokens = args.max_new_tokens or gen.get("max_new_tokens", 200)
+    # The same settings as the 'before' answers of stage 02, or the comparison would not be fair.
+    max_new_tokens = gen.get("max_new_tokens", 200)
     print(f"Respondiendo {len(questions)} preguntas de contraste con el modelo afinado (después) ...", flush=True)
     after = generate_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens,
                              batch_size=gen.get("batch_size", 8), seed=run_manifest["settings"]["seed"])

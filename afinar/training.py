@@ -10,6 +10,7 @@ from typing import Any
 from . import atomic
 from .errors import UserError
 from .layout import OutputLayout
+from .packing import Collator, pack_in_order
 from .prompts import tokenize_example
 
 
@@ -30,10 +31,12 @@ def triton_available() -> bool:
     return torch.cuda.is_available()
 
 
-def build_dataset(entries: list[dict], tokenizer, max_seq_length: int):
+def build_dataset(entries: list[dict], tokenizer, max_seq_length: int, packing: bool):
     from datasets import Dataset
 
     rows = [tokenize_example(tokenizer, entry, max_seq_length) for entry in entries]
+    if packing:
+        rows = pack_in_order(rows, max_seq_length)
     return Dataset.from_list(rows)
 
 
@@ -50,8 +53,7 @@ def _make_trainer_class():
         real_tokens = 0
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            mask = inputs.get("attention_mask")
-            self.real_tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            self.real_tokens += int(inputs.pop("real_tokens"))
             if use_fused_head:
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             else:
@@ -131,7 +133,7 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
     """Run SFT and return the metrics for run.json. The adapter itself is saved by the caller."""
     from trl import SFTConfig
 
-    dataset = build_dataset(train_entries, tokenizer, settings["max_seq_length"])
+    dataset = build_dataset(train_entries, tokenizer, settings["max_seq_length"], packing)
     max_steps = settings.get("max_steps") or -1
     config = SFTConfig(
         output_dir=str(layout.checkpoints),
@@ -151,7 +153,7 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         max_length=settings["max_seq_length"],
-        packing=packing,
+        packing=False,  # afinar.packing packs in order instead: TRL's packing would reorder the stream
         report_to="none",
         # The stream is already shuffled and interleaved (long essays / short Q&A) by afinar.data;
         # a random sampler would undo the interleaving.
@@ -163,7 +165,7 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
     trainer_cls = _make_trainer_class()
     metrics_cb, timed_cb = _make_callbacks(layout, settings["save_minutes"], None)
     trainer = trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                          callbacks=[metrics_cb, timed_cb])
+                          data_collator=Collator(tokenizer.pad_token_id), callbacks=[metrics_cb, timed_cb])
     metrics_cb.trainer = trainer
 
     resume_from = None

@@ -28,6 +28,8 @@ LFS_MIN_SIZE = 10 * 1024 * 1024
 
 @dataclass
 class Recorded:
+    """One request as it arrived; header names are lower-cased."""
+
     method: str
     path: str
     headers: dict[str, str]
@@ -74,10 +76,11 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        """Stop serving and close the listening socket, so later connections are refused."""
         if self._running:
             self._server.shutdown()
-            self._server.server_close()
             self._running = False
+        self._server.server_close()
 
     def __enter__(self) -> "FakeHub":
         return self.start()
@@ -147,7 +150,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         body = self._read_body()
         with self.state.lock:
-            self.state.requests.append(Recorded(method, self.path, dict(self.headers.items()), body))
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            self.state.requests.append(Recorded(method, self.path, headers, body))
         path = unquote(urlsplit(self.path).path)
         try:
             self._route(method, path, body)

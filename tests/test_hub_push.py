@@ -182,14 +182,14 @@ def test_push_sends_exact_files_and_token_only_in_authorization_header(fake_hub,
 
     # The token left the machine only as "Authorization: Bearer <token>".
     requests = fake_hub.requests
-    authorized = [r for r in requests if r.headers.get("Authorization") == f"Bearer {TOKEN}"]
+    authorized = [r for r in requests if r.headers.get("authorization") == f"Bearer {TOKEN}"]
     assert {r.path.split("?")[0] for r in authorized} >= {
         "/api/whoami-v2", "/api/repos/create", f"/api/models/{REPO_ID}/preupload/main",
         f"/api/models/{REPO_ID}/commit/main"}
     for request in requests:
         assert TOKEN not in request.path
         assert TOKEN.encode() not in request.body
-        leaking = [k for k, v in request.headers.items() if TOKEN in v and k.lower() != "authorization"]
+        leaking = [k for k, v in request.headers.items() if TOKEN in v and k != "authorization"]
         assert not leaking, (request.method, request.path, leaking)
     assert TOKEN not in result.stdout and TOKEN not in result.stderr
     for path in list(layout.root.rglob("*")) + list((tmp_path / "hf_home").rglob("*")):
@@ -266,18 +266,19 @@ def test_failed_commit_keeps_local_files_and_push_only_retry_completes(fake_hub,
 def test_unreachable_hub_keeps_local_files_and_explains_retry(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     layout = _make_output_dir(tmp_path / "salida")
-    stopped = FakeHub({TOKEN: {"name": "ana", "role": "write"}})
-    endpoint = stopped.endpoint
-    stopped.stop()  # never started: the port is closed, connections are refused
+    with FakeHub({TOKEN: {"name": "ana", "role": "write"}}) as stopped:
+        endpoint = stopped.endpoint
+    # The server is gone and its port closed: every connection is refused.
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
     before = _hashes(layout.root)
 
     with pytest.raises(UserError) as err:
-        hub.push(layout, REPO_ID, TOKEN)
+        hub.push(layout, REPO_ID, TOKEN, private=True, what=("gguf", "adapter"))
 
     message = str(err.value)
     assert "sin respuesta" in message and "están intactos" in message
-    assert f"python 04_inference_and_export.py --output-dir {layout.root} --push-only --repo-id {REPO_ID}" in message
+    assert (f"python 04_inference_and_export.py --output-dir {layout.root} --push-only --repo-id {REPO_ID} "
+            "--private --what adapter,gguf") in message
     assert TOKEN not in message
     assert _hashes(layout.root) == before
 
@@ -313,7 +314,6 @@ def test_adapter_only_push_puts_its_card_at_the_root(online, tmp_path):
 
 
 def test_get_token_prefers_environment(monkeypatch):
-    monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
     monkeypatch.setenv("HF_TOKEN", f"  {TOKEN}\n")
     assert hub.get_token() == TOKEN
     monkeypatch.delenv("HF_TOKEN")
@@ -350,3 +350,30 @@ def test_get_token_reads_the_colab_secret_only_inside_colab(monkeypatch):
     assert hub.get_token() == TOKEN
     del secrets["HF_TOKEN"]
     assert hub.get_token() is None
+
+
+def test_export_script_push_only_and_missing_token(fake_hub, tmp_path):
+    """The real 04 script: --push-only uploads the existing folder; --push without a token stops first."""
+    layout = _make_output_dir(tmp_path / "salida")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HF_", "HUGGING")) and k != "TRANSFORMERS_OFFLINE"}
+    env.update(HF_ENDPOINT=fake_hub.endpoint, HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf_home"))
+    script = [sys.executable, str(REPO_ROOT / "04_inference_and_export.py"), "--output-dir", str(layout.root),
+              "--repo-id", REPO_ID]
+
+    pushed = subprocess.run([*script, "--push-only"], env={**env, "HF_TOKEN": TOKEN}, capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)
+
+    assert pushed.returncode == 0, pushed.stderr
+    assert fake_hub.repo_files(REPO_ID) == _expected_repo_files(layout)
+    assert TOKEN not in pushed.stdout + pushed.stderr
+    assert TOKEN not in layout.manifest.read_text()
+    assert f"{fake_hub.endpoint}/{REPO_ID}" in layout.manifest.read_text()
+
+    before = _hashes(layout.root)
+    refused = subprocess.run([*script, "--push", "--overwrite"], env=env, capture_output=True, text=True,
+                             timeout=300, cwd=tmp_path)
+
+    assert refused.returncode == 2
+    assert "No se encontró el token de Hugging Face" in refused.stderr
+    assert _hashes(layout.root) == before  # nothing recomputed, nothing rewritten
