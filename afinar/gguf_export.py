@@ -524,10 +524,15 @@ class _Checker:
         rope_name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
         rope_tensor = next((t for t in reader.tensors if t.name == rope_name), None)
         rope_ok = None
-        if rope_tensor is not None:
-            rope_ok = bool(np.allclose(np.asarray(rope_tensor.data, dtype=np.float32), _transformers_llama3_factors(self.config), rtol=1e-5))
+        if rope_parameters(self.config)["rope_type"] == "llama3":
+            expected = _transformers_llama3_factors(self.config)
+            rope_ok = rope_tensor is not None and bool(
+                np.allclose(np.asarray(rope_tensor.data, dtype=np.float32), expected, rtol=1e-5)
+            )
             if not rope_ok:
-                raise UserError(f"{path.name}: rope_freqs.weight no coincide con el escalado llama3 del modelo.")
+                raise UserError(f"{path.name}: falta rope_freqs.weight o no coincide con el escalado llama3 del modelo.")
+        elif rope_tensor is not None:
+            raise UserError(f"{path.name}: tiene rope_freqs.weight pero el modelo no usa el escalado llama3.")
         counts: dict[str, int] = {}
         for t in reader.tensors:
             counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1

@@ -67,7 +67,7 @@ def _tiny_llama(folder: Path, *, tie: bool = True, rope: dict | None = None) -> 
     tokenizer = _tiny_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=tie,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384, tie_word_embeddings=tie,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
         rope_parameters=rope or {"rope_type": "default", "rope_theta": 10000.0},
     )
@@ -77,7 +77,7 @@ def _tiny_llama(folder: Path, *, tie: bool = True, rope: dict | None = None) -> 
         for param in model.parameters():
             if param.ndim == 2:
                 param.normal_(0.0, 0.2)
-    model.save_pretrained(folder)
+    model.to(torch.bfloat16).save_pretrained(folder)  # bf16, like the merged model the exporter reads
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -219,7 +219,7 @@ def test_export_without_permutation_gives_another_model(tmp_path):
     config, tokenizer, checkpoint, plans, vocab = _tiny_pieces(folder)
     out_type = gguf_export._out_types()["f16"]
     inputs = verification_inputs(tokenizer)
-    reference = compute_logits(AutoModelForCausalLM.from_pretrained(folder).eval(), inputs)
+    reference = compute_logits(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), inputs)
     results = {}
     for permute in (True, False):
         path = tmp_path / f"permute-{permute}.gguf"
@@ -241,7 +241,7 @@ def test_llama3_rope_freqs_tensor(tmp_path):
     folder = _tiny_llama(tmp_path / "tiny", rope=rope)
     (record,) = gguf_export.export_gguf(folder, tmp_path / "gguf", ("f16",))
     assert record["verification"]["rope_freqs_ok"] is True
-    assert record["verification"]["top1_agreement"] == 1.0  # transformers read the file back
+    assert record["verification"]["top1_agreement"] >= gguf_export.F16_MIN_TOP1  # transformers read it back
 
     reader, _ = _fields(tmp_path / "gguf" / "model-f16.gguf")
     tensor = next(t for t in reader.tensors if t.name == "rope_freqs.weight")

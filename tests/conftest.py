@@ -1,0 +1,34 @@
+"""Shared fixtures: the repo root on sys.path, and helpers to run the real scripts as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def run_script(*args: str, env: dict | None = None, timeout: int = 900, check: bool = True,
+               cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run a numbered script in a subprocess, offline, and return its completed process."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+                **(env or {})}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} salió con {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+                             f"STDERR:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def embedded_path() -> Path:
+    from afinar import embedded
+
+    return embedded.ensure_checkpoint(verbose=False)
