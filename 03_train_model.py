@@ -9,6 +9,8 @@ Uso:
 Escribe checkpoints/, adapter/, metrics.jsonl, loss.png y datos/informe.md en el directorio de salida.
 """
 
+import argparse
+
 from afinar import cli, settings
 from afinar.errors import main_guard
 
@@ -33,8 +35,9 @@ def parse_args(argv=None):
                    help=settings.help_text("save_minutes", "checkpoint cada N minutos"))
     p.add_argument("--logging-steps", type=int, default=None,
                    help=settings.help_text("logging_steps", "pasos entre líneas de registro"))
-    p.add_argument("--packing", action="store_true",
-                   help="empaquetar varios ejemplos por fila (más rápido en GPU; por defecto: no)")
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                   help=settings.help_text("packing", "empaquetar varios ejemplos seguidos en cada fila, sin mezclar "
+                                                      "su atención"))
     p.add_argument("--resume", action="store_true", help="reanudar desde el último checkpoint (por defecto: no)")
     p.add_argument("--overwrite", action="store_true", help="entrenar de nuevo aunque ya exista un adaptador")
     data = p.add_argument_group("datos")

@@ -26,11 +26,13 @@ from .merge import compare_logits, compute_logits, ensure_free_space, verificati
 ARCH = "llama"
 SPACE_MARGIN = 1.1
 
-# Bounds checked on every file read back (relative = max|Δlogit| / std of the merged model's logits).
-# F16 stores bf16 weights exactly (bf16 → f16 only loses values below 6e-8), so it must be near-exact:
-# measured ≈ 1e-3 on the embedded model. Q8_0 keeps ~8 bits per weight with one scale per 32 values:
-# measured ≈ 0.1 relative and 97% greedy agreement; it is judged on agreement, with a loose ceiling
-# on the relative difference to catch a broken file (a missing q/k permutation gives > 1).
+# Bounds checked on every file read back (relative = max|Δlogit| / std of the merged model's logits,
+# 311 positions × 49152 logits on the embedded model). F16 holds bf16 weights exactly (bf16 → f16 only
+# loses values below 6e-8): measured 1.4e-5; from an fp32 checkpoint, f16 rounding gives 0.006. Q8_0
+# keeps ~8 bits per weight with one scale per 32 values: measured 0.17 (base) to 0.21 (base + random
+# adapter) with 98% and 94% greedy agreement, so it is judged mainly on greedy agreement (≥ 90%),
+# with a loose ceiling on the difference that a broken file exceeds by far: the same export
+# without the q/k permutation gives 5.5 and 7% agreement.
 F16_MAX_RELATIVE_DIFF = 0.02
 F16_MIN_TOP1 = 0.99
 Q8_0_MAX_RELATIVE_DIFF = 0.5
@@ -443,6 +445,7 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, types: tuple[str, ..
             "type": out_type,
             "bytes": size,
             "seconds_write": round(write_seconds, 2),
+            "seconds_verify": round(time.perf_counter() - started - write_seconds, 2),
             "verification": verification,
         })
     return results

@@ -91,7 +91,7 @@ def markdown_report(contrast: dict[str, Any]) -> str:
         markdown_verdict(contrast),
         "## Métricas (antes → después)\n",
         markdown_table(contrast),
-        _METHOD_NOTE_MD,
+        _md_inline(method_note(contrast)) + "\n",
         "## Respuestas, antes y después\n",
     ]
     for index, item in enumerate(contrast["questions"], start=1):
@@ -109,6 +109,13 @@ _METHOD_NOTE_MD = (
     "cortas, palabras funcionales y tildes). 3-gramas repetidos: proporción de trigramas de palabras que "
     "repiten uno anterior de la misma respuesta.\n"
 )
+
+
+def method_note(contrast: dict[str, Any]) -> str:
+    """How each metric is measured (plain text), naming the held-out set when the stage recorded it."""
+    source = contrast.get("perplexity_source")
+    where = f" ({source})" if source else ""
+    return _METHOD_NOTE_MD.replace("que el entrenamiento no vio.", f"que el entrenamiento no vio{where}.")
 
 
 def _md_cell(text: str) -> str:
@@ -161,7 +168,7 @@ def html_report(contrast: dict[str, Any]) -> str:
         f'<section id="veredicto" class="verdict {"ready" if ready else "not-ready"}">\n'
         f"<h2>{_e(verdict_title(contrast))}</h2>\n<ul>{reasons}</ul>\n</section>\n"
         '<section>\n<h2>Métricas (antes → después)</h2>\n'
-        f"{_html_table(contrast)}\n<p class=\"note\">{_e(_METHOD_NOTE_MD.strip())}</p>\n</section>\n"
+        f"{_html_table(contrast)}\n<p class=\"note\">{_e(method_note(contrast).strip())}</p>\n</section>\n"
         '<section id="respuestas">\n<h2>Respuestas, antes y después</h2>\n'
         f"{''.join(_html_question(i, item) for i, item in enumerate(contrast['questions'], start=1))}"
         "</section>\n</main>\n</body>\n</html>\n"

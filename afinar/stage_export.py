@@ -128,7 +128,8 @@ def run(args) -> dict[str, Any]:
 
         print("Fusionando el adaptador con los pesos originales en 16 bits ...", flush=True)
         merge = merge_adapter(settings["base_path"], layout.adapter, layout.merged, dtype=args.merge_dtype)
-        export_record["merge"] = merge
+        export_record["merge"] = {**merge, "path": manifest.relative(layout, layout.merged),
+                                  "adapter_path": manifest.relative(layout, layout.adapter)}
         formats = [f.strip() for f in args.gguf.split(",") if f.strip() and f.strip() != "none"]
         if formats:
             from .gguf_export import export_gguf

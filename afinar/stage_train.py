@@ -65,7 +65,7 @@ def run(args) -> dict[str, Any]:
 
     started = time.perf_counter()
     metrics = train(model, tokenizer, prepared.train, layout=layout, settings=resolved, precision=precision,
-                    resume=args.resume, packing=args.packing)
+                    resume=args.resume, packing=resolved["packing"])
     if not finite_adapter(model):
         raise UserError("El adaptador entrenado contiene NaN o infinitos: no se guarda. Baja --learning-rate.")
     modeling.save_adapter(model, tokenizer, layout.adapter, run_manifest["model"]["base_model"])

@@ -32,3 +32,31 @@ def embedded_path() -> Path:
     from afinar import embedded
 
     return embedded.ensure_checkpoint(verbose=False)
+
+
+SMALL_QUESTIONS = [
+    {"pregunta": "¿De dónde proviene el oxígeno que liberan las plantas durante la fotosíntesis?",
+     "palabras_clave": ["agua", "fotólisis"]},
+    {"pregunta": "¿Respiran las plantas?", "palabras_clave": ["respir"]},
+    {"pregunta": "¿Necesita oscuridad el ciclo de Calvin?"},
+]
+
+
+@pytest.fixture(scope="session")
+def stage02_dir(tmp_path_factory) -> Path:
+    """A finished stage 02 on the embedded model, made once per session. Copy it before changing it."""
+    import json
+
+    work = tmp_path_factory.mktemp("stage02")
+    questions = work / "preguntas.json"
+    questions.write_text(json.dumps(SMALL_QUESTIONS, ensure_ascii=False), encoding="utf-8")
+    out = work / "salida"
+    run_script("02_load_model.py", "--output-dir", str(out), "--questions", str(questions), "--max-new-tokens", "12")
+    return out
+
+
+def copy_output(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    return target

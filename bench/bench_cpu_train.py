@@ -1,0 +1,178 @@
+"""CPU training speed: our 03 training path against the plain-TRL anchor, measured in the same run.
+
+Anchor: TRL's SFTTrainer as a user would write it (SmolLM2-135M, LoRA r=16 on the 7 projections, fp32,
+padded batch 4, prompt-completion data with completion-only loss). TRL 1.15.0, which the project pins for
+Unsloth, cannot train on CPU, so the anchor runs TRL 1.16.0 from a private folder (installed on demand).
+Ours: afinar.training.train with the project's CPU defaults. Same data, seed and number of steps; real
+(non-pad) tokens per second after warm-up steps.
+
+    python bench/bench_cpu_train.py --steps 12 --warmup 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ANCHOR_TRL = "1.16.0"
+
+
+def anchor_site() -> Path:
+    site = ROOT / ".cache" / f"trl-{ANCHOR_TRL}"
+    if not (site / "trl").exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
+                        f"trl=={ANCHOR_TRL}"], check=True)
+    return site
+
+
+def entries(n: int) -> list[dict]:
+    data = json.loads((ROOT / "tu_dataset.json").read_text(encoding="utf-8"))
+    return data[:n]
+
+
+class StepClock:
+    """Real tokens and wall time at the end of each optimizer step."""
+
+    def __init__(self):
+        self.marks: list[tuple[float, int]] = []
+        self.tokens = 0
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class _Cb(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                clock.marks.append((time.perf_counter(), clock.tokens))
+
+        return _Cb()
+
+    def rate(self, warmup: int) -> float:
+        (t0, n0), (t1, n1) = self.marks[warmup - 1], self.marks[-1]
+        return (n1 - n0) / (t1 - t0)
+
+
+def run_anchor(steps: int, warmup: int, batch: int) -> dict:
+    import torch
+    import trl
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from afinar import embedded, prompts
+    from afinar.settings import LORA_TARGET_MODULES
+
+    path = embedded.ensure_checkpoint(verbose=False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    from datasets import Dataset
+
+    rows = [{"prompt": prompts.messages_for(e, with_answer=False),
+             "completion": [{"role": "assistant", "content": e["output"]}]} for e in entries(steps * batch * 2)]
+    clock = StepClock()
+
+    class Counting(SFTTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            clock.tokens += int(inputs["attention_mask"].sum())
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    config = SFTConfig(output_dir="/tmp/bench_anchor", per_device_train_batch_size=batch, max_steps=steps,
+                       learning_rate=1e-3, logging_steps=1000, save_strategy="no", report_to="none",
+                       max_length=512, use_cpu=True, seed=42, dataloader_num_workers=0)
+    trainer = Counting(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                       peft_config=LoraConfig(r=16, lora_alpha=16, target_modules=LORA_TARGET_MODULES,
+                                              task_type="CAUSAL_LM"),
+                       callbacks=[clock.callback()])
+    trainer.train()
+    return {"name": f"anchor: TRL {trl.__version__} SFTTrainer, padded batch {batch}, fp32",
+            "tok_s": clock.rate(warmup)}
+
+
+def run_project(steps: int, warmup: int) -> dict:
+    import tempfile
+
+    from afinar import modeling, settings
+    from afinar.environment import detect_device, precision_for
+    from afinar.layout import OutputLayout
+    from afinar import training
+
+    device = detect_device()
+    resolved = {key: settings.default(key, "cpu") for key in settings.TRAIN_KEYS}
+    _, base_path = modeling.resolve_model("smollm2-135m")
+    resolved.update(model="smollm2", base_path=base_path, backend="hf", load_in_4bit=False, lora_r=16,
+                    lora_alpha=16, lora_dropout=0.0, max_steps=steps, save_steps=10_000, logging_steps=1000)
+    precision = precision_for(device)
+    model, tokenizer = modeling.build(resolved, device, precision)
+    clock = StepClock()
+    original = training._make_trainer_class
+
+    def counting_class():
+        base = original()
+
+        class Counting(base):
+            def training_step(self, model, inputs, *args, **kwargs):
+                clock.tokens += int(inputs["real_tokens"])
+                return super().training_step(model, inputs, *args, **kwargs)
+
+        return Counting
+
+    training._make_trainer_class = counting_class
+    original_callbacks = training._make_callbacks
+    training._make_callbacks = lambda *a, **k: (*original_callbacks(*a, **k), clock.callback())
+    with tempfile.TemporaryDirectory() as tmp:
+        training.train(model, tokenizer, entries(steps * resolved["batch_size"] * 4),
+                       layout=OutputLayout.at(tmp), settings=resolved, precision=precision,
+                       packing=settings.default("packing", "cpu"))
+    return {"name": f"afinar (03): {precision}, packing={settings.default('packing', 'cpu')}, "
+                    f"batch {resolved['batch_size']}", "tok_s": clock.rate(warmup)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--only", choices=["anchor", "project"])
+    args = parser.parse_args()
+    if args.only == "anchor":
+        print("RESULT " + json.dumps(run_anchor(args.steps, args.warmup, args.batch)), flush=True)
+        return
+    if args.only == "project":
+        print("RESULT " + json.dumps(run_project(args.steps, args.warmup)), flush=True)
+        return
+
+    results = []
+    for only, extra_path in (("anchor", str(anchor_site())), ("project", "")):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (extra_path, str(ROOT)) if p),
+               "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.run([sys.executable, __file__, "--only", only, "--steps", str(args.steps),
+                               "--warmup", str(args.warmup), "--batch", str(args.batch)],
+                              env=env, capture_output=True, text=True)
+        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{only} falló")
+        results.append(json.loads(line[-1][7:]))
+    anchor, ours = results
+    ratio = ours["tok_s"] / anchor["tok_s"]
+    print(f"\n{'configuración':70s} {'tokens reales/s':>16s}")
+    for r in results:
+        print(f"{r['name']:70s} {r['tok_s']:16.1f}")
+    print(f"\nproporción afinar / anchor: {ratio:.2f}x  (objetivo ≥ 1.5x)")
+    out = ROOT / "bench" / "results" / "cpu_latest.json"
+    out.write_text(json.dumps({"device": "cpu", "cores": os.cpu_count(),
+                               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                               "steps": args.steps, "warmup": args.warmup, "anchor": anchor, "project": ours,
+                               "ratio": round(ratio, 3)}, indent=2, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    main()
