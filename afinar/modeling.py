@@ -75,7 +75,8 @@ def _torch_dtype(precision: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def load_base(path: str, *, backend: str, load_in_4bit: bool, precision: str, max_seq_length: int):
+def load_base(path: str, *, backend: str, load_in_4bit: bool, precision: str, max_seq_length: int,
+              attn_implementation: str | None = None):
     """Return (model, tokenizer) for the base model, without adapter."""
     if backend == "unsloth":
         import unsloth  # noqa: F401  (must be imported before transformers patches are applied)
@@ -89,6 +90,9 @@ def load_base(path: str, *, backend: str, load_in_4bit: bool, precision: str, ma
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         kwargs: dict[str, Any] = {"dtype": _torch_dtype(precision), "trust_remote_code": False}
+        if attn_implementation:
+            # flex_attention turns packed rows into sparse document masks; SDPA would compute dense ones.
+            kwargs["attn_implementation"] = attn_implementation
         if load_in_4bit:
             from transformers import BitsAndBytesConfig
 
@@ -160,6 +164,7 @@ def build(settings: dict[str, Any], device: DeviceInfo, precision: str, adapter_
     model, tokenizer = load_base(
         settings["base_path"], backend=settings["backend"], load_in_4bit=settings["load_in_4bit"],
         precision=precision, max_seq_length=settings["max_seq_length"],
+        attn_implementation=settings.get("attn_implementation"),
     )
     model = add_lora(
         model, backend=settings["backend"], lora_r=settings["lora_r"], lora_alpha=settings["lora_alpha"],

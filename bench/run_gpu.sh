@@ -1,0 +1,52 @@
+#!/bin/bash
+# On the GPU machine, from the repo root (.whl and .gpu carried). Usage: bash bench/run_gpu.sh PART
+#   pipeline  02 -> 04 through Unsloth in 4-bit on a Llama-3.2-1B-shaped random model (+ generation bench)
+#   train     anchors and our training path, side by side, same data; prints a table
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
+[ -d /tmp/llama32_1b_shape ] || python3 .gpu/anchor_bench.py make > "$OUT/make.log" 2>&1 || { tail "$OUT/make.log"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+case "$1" in
+pipeline)
+  q=$(mktemp --suffix .json)
+  python3 - "$q" <<'PY'
+import json, sys
+json.dump([{"pregunta": "¿De dónde proviene el oxígeno que liberan las plantas?", "palabras_clave": ["agua"]},
+           {"pregunta": "¿Respiran las plantas?"}, {"pregunta": "¿Necesita oscuridad el ciclo de Calvin?"}],
+          open(sys.argv[1], "w"), ensure_ascii=False)
+PY
+  set -o pipefail
+  { python3 02_load_model.py --model /tmp/llama32_1b_shape --backend unsloth --output-dir /tmp/salida \
+      --questions "$q" --max-new-tokens 32 \
+    && python3 03_train_model.py --output-dir /tmp/salida --max-steps 6 --logging-steps 1 --save-steps 3 \
+    && python3 04_inference_and_export.py --output-dir /tmp/salida --gguf q8_0; } 2>&1 | grep -v "it/s\]" > "$OUT/pipeline.log"
+  echo "pipeline rc=$?"; tail -25 "$OUT/pipeline.log"
+  cp /tmp/salida/run.json "$OUT/run_gpu.json" 2>/dev/null
+  python3 - <<'PY'
+import json
+m = json.load(open("/tmp/salida/run.json"))
+print("stages:", {k: v["status"] for k, v in m["stages"].items()}, "backend:", m["model"]["backend"],
+      "4bit:", m["model"]["load_in_4bit"], "precision:", m["settings"]["precision"])
+print("train:", {k: m["stages"]["train"]["metrics"][k] for k in ("global_step", "final_loss", "tokens_per_second", "fused_lm_head")})
+e = m["stages"]["export"]; print("merge:", e["merge"]["merged_onto"], e["merge"]["verification"])
+print("gguf:", [(g["type"], g["bytes"], g.get("verification")) for g in e.get("gguf", [])])
+PY
+  timeout 240 python3 bench/bench_generation.py --model /tmp/llama32_1b_shape --device cuda > "$OUT/gen_bench.log" 2>&1
+  echo "gen bench rc=$?"; tail -8 "$OUT/gen_bench.log"
+  ;;
+train)
+  shift
+  for spec in "$@"; do
+    set -- $spec
+    kind=$1; mode=$2; batch=$3; tmo=$4
+    log="$OUT/${kind}_${mode}_b${batch}.log"
+    if [ "$kind" = anchor ]; then
+      ( cd .gpu && N_EX=${N_EX:-1200} BATCH=$batch GC=false WARM=4 ATTN=${5:-sdpa} timeout "$tmo" python3 anchor_bench.py "$mode" ) > "$log" 2>&1
+    else
+      N_EX=${N_EX:-1200} BATCH=$batch WARM=4 STEPS=${STEPS:-30} timeout "$tmo" python3 bench/bench_gpu_train.py "$mode" > "$log" 2>&1
+    fi
+    echo "== $spec rc=$?"; grep -E "^RESULT|Error" "$log" | tail -2
+  done
+  ;;
+esac
