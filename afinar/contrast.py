@@ -379,7 +379,7 @@ def _check_eos(contrast: dict[str, Any]) -> tuple[bool, str]:
         return True, f"Cumple: las {n} respuestas de después terminan con EOS, el modelo sabe parar {context}."
     cut = [i for i, item in enumerate(contrast["questions"], start=1) if not item["after"]["ended_with_eos"]]
     return False, (f"No cumple: {n - ended} de {n} respuestas de después no terminan con EOS, se cortaron en el "
-                   f"límite de tokens (preguntas {_list_numbers(cut)}) {context}.")
+                   f"límite de tokens ({_list_numbers(cut)}) {context}.")
 
 
 def _check_spanish(contrast: dict[str, Any]) -> tuple[bool, str]:
@@ -402,7 +402,7 @@ def _check_repetition(contrast: dict[str, Any]) -> tuple[bool, str]:
     if not looping:
         return True, f"Cumple: ninguna respuesta de después repite más del {limit} de sus 3-gramas ({context})."
     return False, (f"No cumple: {len(looping)} respuesta(s) de después repiten más del {limit} de sus 3-gramas, "
-                   f"señal de bucle (preguntas {_list_numbers(looping)}; {context}).")
+                   f"señal de bucle ({_list_numbers(looping)}; {context}).")
 
 
 def _check_keywords(contrast: dict[str, Any]) -> tuple[bool | None, str]:
@@ -445,7 +445,8 @@ def percent(value: float | None, digits: int = 1) -> str:
 
 
 def _list_numbers(numbers: list[int]) -> str:
-    return ", ".join(str(n) for n in numbers)
+    """'pregunta 3' or 'preguntas 1, 4'."""
+    return ("pregunta " if len(numbers) == 1 else "preguntas ") + ", ".join(str(n) for n in numbers)
 
 
 def _mean(values: Sequence[float]) -> float | None:

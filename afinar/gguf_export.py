@@ -51,8 +51,10 @@ def _out_types() -> dict[str, _OutType]:
     import gguf
 
     return {
-        "f16": _OutType(gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16, F16_MAX_RELATIVE_DIFF, F16_MIN_TOP1),
-        "q8_0": _OutType(gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0, Q8_0_MAX_RELATIVE_DIFF, Q8_0_MIN_TOP1),
+        "f16": _OutType(gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16,
+                        F16_MAX_RELATIVE_DIFF, F16_MIN_TOP1),
+        "q8_0": _OutType(gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0,
+                         Q8_0_MAX_RELATIVE_DIFF, Q8_0_MIN_TOP1),
     }
 
 
@@ -331,7 +333,9 @@ def _check_llama(config, model_dir: Path) -> None:
         )
     rope_type = rope_parameters(config)["rope_type"]
     if rope_type not in ("default", "llama3", "linear"):
-        raise UserError(f"{model_dir / 'config.json'}: escalado rope '{rope_type}' no admitido en la exportación GGUF.")
+        raise UserError(
+            f"{model_dir / 'config.json'}: escalado rope '{rope_type}' no admitido en la exportación GGUF."
+        )
 
 
 def _add_model_metadata(writer, config, out: _OutType, rope: dict[str, Any], name: str) -> None:
@@ -426,7 +430,9 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, types: tuple[str, ..
     plans = _plan_tensors(checkpoint, config, rope_parameters(config))
     vocab = tokenizer_metadata(tokenizer, int(config.vocab_size))
     if not vocab["chat_template"]:
-        raise UserError(f"El tokenizador de {model_dir} no tiene plantilla de chat: el GGUF no sabría dar formato a las preguntas.")
+        raise UserError(
+            f"El tokenizador de {model_dir} no tiene plantilla de chat: el GGUF no sabría dar formato a las preguntas."
+        )
     ensure_free_space(out_dir, sum(estimate_bytes(plans, known[t], vocab) for t in types), "los ficheros GGUF")
     name = name or _default_name(config, model_dir)
 
@@ -499,7 +505,8 @@ class _Checker:
         problems = []
         if not result["relative_max_diff"] <= out.max_relative_diff:
             problems.append(
-                f"diferencia máxima de logits {result['max_abs_logit_diff']:.4g} = {result['relative_max_diff']:.3g} × "
+                f"diferencia máxima de logits {result['max_abs_logit_diff']:.4g} = "
+                f"{result['relative_max_diff']:.3g} × "
                 f"desviación típica, por encima de {out.max_relative_diff}"
             )
         if result["top1_agreement"] < out.min_top1:
@@ -510,7 +517,9 @@ class _Checker:
         if not tokenizer_ok:
             problems.append("el tokenizador leído del GGUF no da los mismos ids que el original")
         if problems:
-            raise UserError(f"El fichero {gguf_file_name(out_type)} no reproduce el modelo fusionado: {'; '.join(problems)}.")
+            raise UserError(
+                f"El fichero {gguf_file_name(out_type)} no reproduce el modelo fusionado: {'; '.join(problems)}."
+            )
         return result
 
     def _check_metadata(self, path: Path, out: _OutType) -> dict[str, Any]:
@@ -521,7 +530,8 @@ class _Checker:
         template = field.contents() if field is not None else None
         if template != self.vocab["chat_template"]:
             raise UserError(f"{path.name}: la plantilla de chat no se guardó bien en los metadatos GGUF.")
-        not_f32 = [t.name for t in reader.tensors if len(t.shape) == 1 and t.tensor_type != gguf.GGMLQuantizationType.F32]
+        f32 = gguf.GGMLQuantizationType.F32
+        not_f32 = [t.name for t in reader.tensors if len(t.shape) == 1 and t.tensor_type != f32]
         if not_f32:
             raise UserError(f"{path.name}: tensores 1-D que no están en F32: {', '.join(not_f32[:3])}.")
         rope_name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
@@ -533,7 +543,9 @@ class _Checker:
                 np.allclose(np.asarray(rope_tensor.data, dtype=np.float32), expected, rtol=1e-5)
             )
             if not rope_ok:
-                raise UserError(f"{path.name}: falta rope_freqs.weight o no coincide con el escalado llama3 del modelo.")
+                raise UserError(
+                    f"{path.name}: falta rope_freqs.weight o no coincide con el escalado llama3 del modelo."
+                )
         elif rope_tensor is not None:
             raise UserError(f"{path.name}: tiene rope_freqs.weight pero el modelo no usa el escalado llama3.")
         counts: dict[str, int] = {}
@@ -558,7 +570,9 @@ class _Checker:
             # transformers' GGUF reader ignores rope_freqs/rope scaling keys; its values were checked
             # above, so the model is given the merged model's rope to compare the rest of the file.
             config.rope_parameters = dict(rope)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, config=config, dtype=torch.float32
+        )
         model.eval()
         return model
 

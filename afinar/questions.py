@@ -43,7 +43,8 @@ def load_questions(path: str | Path) -> list[dict[str, Any]]:
 
 def _read_json(path: Path) -> Any:
     if not path.exists():
-        raise UserError(f"No existe el fichero de preguntas {path}. Indícalo con --questions o créalo. {_FORMAT_HINT}")
+        raise UserError(f"No existe el fichero de preguntas {path}. Indícalo con --questions o créalo. "
+                        f"{_FORMAT_HINT}")
     if not path.is_file():
         raise UserError(f"{path} no es un fichero: el fichero de preguntas debe ser un JSON.")
     try:
@@ -53,7 +54,8 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise UserError(f"{path} no es un JSON válido: {err.msg} (línea {err.lineno}, columna {err.colno}).") from None
+        raise UserError(f"{path} no es un JSON válido: {err.msg} (línea {err.lineno}, columna {err.colno}).") \
+            from None
 
 
 def _validate_entry(path: Path, number: int, entry: Any) -> dict[str, Any]:

@@ -114,6 +114,7 @@ def run(args) -> dict[str, Any]:
     started = time.perf_counter()
     contrast = run_contrast(args, layout, run_manifest, model, tokenizer)
     del model
+    _release_memory()
     result: dict[str, Any] = {"layout": layout, "contrast": contrast}
     export_record: dict[str, Any] = {
         "contrast": manifest.relative(layout, layout.contrast_json),
@@ -124,22 +125,10 @@ def run(args) -> dict[str, Any]:
     }
 
     if not args.no_merge:
-        from .merge import merge_adapter
+        from .export_worker import run_in_subprocess
 
-        print("Fusionando el adaptador con los pesos originales en 16 bits ...", flush=True)
-        merge = merge_adapter(settings["base_path"], layout.adapter, layout.merged, dtype=args.merge_dtype)
-        export_record["merge"] = {**merge, "path": manifest.relative(layout, layout.merged),
-                                  "adapter_path": manifest.relative(layout, layout.adapter)}
         formats = [f.strip() for f in args.gguf.split(",") if f.strip() and f.strip() != "none"]
-        if formats:
-            from .gguf_export import export_gguf
-            from .modelfile import write_modelfile
-
-            print(f"Exportando GGUF ({', '.join(formats)}) ...", flush=True)
-            files = export_gguf(layout.merged, layout.gguf_dir, tuple(formats))
-            preferred = next((f for f in files if f["type"] == "q8_0"), files[0])
-            write_modelfile(Path(preferred["path"]), layout.gguf_dir / "Modelfile", tokenizer)
-            export_record["gguf"] = [{**f, "path": manifest.relative(layout, Path(f["path"]))} for f in files]
+        export_record.update(run_in_subprocess(layout, settings["base_path"], args.merge_dtype, formats))
 
     _write_cards(layout, run_manifest, args.repo_id)
     export_record["seconds"] = round(time.perf_counter() - started, 1)
@@ -167,3 +156,13 @@ def _push(args, layout: OutputLayout, run_manifest: dict, parts: tuple[str, ...]
     run_manifest.setdefault("pushes", []).append({"at": manifest.now_iso(), "access": access, **result})
     manifest.write(layout, run_manifest)
     return result
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

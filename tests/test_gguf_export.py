@@ -192,7 +192,8 @@ def test_gguf_metadata_carries_model_tokenizer_and_template(exported, merged_dir
         assert all(t.tensor_type == gguf.GGMLQuantizationType.F32 for t in tensors.values() if len(t.shape) == 1)
         assert all(t.tensor_type.name == weight_type for t in tensors.values() if len(t.shape) == 2)
         assert list(tensors["blk.0.attn_k.weight"].shape) == [576, 192]  # GGUF order: (in, out)
-        assert fields.get("general.quantization_version") == (gguf.GGML_QUANT_VERSION if weight_type == "Q8_0" else None)
+        quant_version = gguf.GGML_QUANT_VERSION if weight_type == "Q8_0" else None
+        assert fields.get("general.quantization_version") == quant_version
 
 
 # -------------------------------------------------------------------------------- q/k permutation
@@ -329,7 +330,8 @@ def test_modelfile_for_llama3_family(tmp_path):
     expected = tokenizer.apply_chat_template(messages_for({"instruction": "¿Qué es un gen?"}, with_answer=False),
                                              add_generation_prompt=True, tokenize=False)
     # llama.cpp adds BOS itself (tokenizer.ggml.add_bos_token), so the template leaves it out.
-    assert "<|begin_of_text|>" + _render_ollama(template, [{"System": SYSTEM_PROMPT, "Prompt": "¿Qué es un gen?"}]) == expected
+    rendered = _render_ollama(template, [{"System": SYSTEM_PROMPT, "Prompt": "¿Qué es un gen?"}])
+    assert "<|begin_of_text|>" + rendered == expected
     assert "Cutting Knowledge Date: December 2023" in ollama_template("llama3", "... Cutting Knowledge Date ...")
     assert "Cutting Knowledge Date" not in template
 

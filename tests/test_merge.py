@@ -107,7 +107,8 @@ def test_bfloat16_merge_is_within_tolerance_and_plain(merged_bf16):
     assert check["positions"] > 100
 
     names = {p.name for p in out.iterdir()}
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja"} <= names
+    expected = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja"}
+    assert expected <= names
     assert not any(n.endswith(".bin") or n.startswith("adapter") for n in names)
     keys = _safetensors_keys(out)
     assert "lm_head.weight" not in keys and not any("lora" in k for k in keys)
@@ -235,7 +236,8 @@ def test_detects_original_and_4bit_bases(tiny, tmp_path):
     nf4 = _copy_with_config(base, tmp_path / "nf4", quantization_config={
         "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"})
     assert merge.detect_base_weights(nf4) == "dequantized_4bit"
-    int8 = _copy_with_config(base, tmp_path / "int8", quantization_config={"quant_method": "bitsandbytes", "load_in_8bit": True})
+    int8 = _copy_with_config(base, tmp_path / "int8",
+                             quantization_config={"quant_method": "bitsandbytes", "load_in_8bit": True})
     with pytest.raises(UserError, match="8 bits"):
         merge.detect_base_weights(int8)
 

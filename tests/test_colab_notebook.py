@@ -1,0 +1,184 @@
+"""colab.ipynb: generated from the scripts, and executed end to end in a real kernel (CPU, embedded model).
+
+The slow test runs every cell of the committed notebook with nbclient from the repository root, as a user
+outside Colab would: the real 01_setup.sh, the three stages with tiny settings given through the
+AFINAR_* variables the parameters cell reads, and the push cell with PUSH on, against the loopback
+stand-in for the Hub (tests/fake_hub.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SMALL_QUESTIONS
+
+NOTEBOOK = ROOT / "colab.ipynb"
+TOKEN = "hf_COLABplantedTOKEN0123456789abcdefXYZ"
+REPO_ID = "ana/asistente-bio-colab"
+
+
+def _make_colab():
+    spec = importlib.util.spec_from_file_location("make_colab", ROOT / "tools" / "make_colab.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cell(notebook: dict, cell_id: str) -> dict:
+    return next(c for c in notebook["cells"] if c["id"] == cell_id)
+
+
+def _source(cell) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def test_committed_notebook_is_generated_from_the_scripts():
+    assert NOTEBOOK.read_text(encoding="utf-8") == _make_colab().render(), (
+        "colab.ipynb no coincide con los scripts: ejecuta python tools/make_colab.py")
+
+
+def test_parameters_default_to_the_scripts_defaults_and_read_the_environment(monkeypatch):
+    make_colab = _make_colab()
+    notebook = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+    source = _source(_cell(notebook, "parametros"))
+    for name in [k for k in os.environ if k.startswith("AFINAR_")]:
+        monkeypatch.delenv(name)
+    defaults: dict = {}
+    exec(compile(source, "<parametros>", "exec"), defaults)
+
+    parsed = {key: make_colab.load_script(key).parse_args([]) for key in make_colab.SCRIPTS}
+    assert defaults["OUTPUT_DIR"] == parsed["02"].output_dir == parsed["04"].output_dir == "salida"
+    assert defaults["LORA_R"] == parsed["02"].lora_r == 16
+    assert defaults["MAX_NEW_TOKENS"] == parsed["02"].max_new_tokens
+    assert defaults["QUESTIONS"] == parsed["02"].questions
+    assert defaults["DATASET"] == parsed["03"].dataset
+    assert defaults["GGUF"] == parsed["04"].gguf == "q8_0"
+    assert defaults["MODEL"] is None and defaults["MAX_STEPS"] is None and defaults["LEARNING_RATE"] is None
+    assert defaults["PUSH"] is False and defaults["RESUME"] is False and defaults["REPO_ID"] is None
+    # Every default is explained next to its variable, with the script's own help text.
+    assert "# --lora-r (02): rango de LoRA (por defecto: 16;" in source
+
+    monkeypatch.setenv("AFINAR_MAX_STEPS", "7")
+    monkeypatch.setenv("AFINAR_LEARNING_RATE", "5e-4")
+    monkeypatch.setenv("AFINAR_PUSH", "1")
+    monkeypatch.setenv("AFINAR_MODEL", "smollm2-135m")
+    overridden: dict = {}
+    exec(compile(source, "<parametros>", "exec"), overridden)
+    assert overridden["MAX_STEPS"] == 7 and overridden["LEARNING_RATE"] == 5e-4
+    assert overridden["PUSH"] is True and overridden["MODEL"] == "smollm2-135m"
+
+
+def test_stage_cells_pass_the_parameters_as_flags():
+    notebook = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+    namespace: dict = {}
+    exec(compile(_source(_cell(notebook, "auxiliares")), "<auxiliares>", "exec"), namespace)
+    flags = namespace["flags"]
+    assert flags(("--output-dir", "salida"), ("--model", None), ("--resume", False), ("--overwrite", True),
+                 ("--max-steps", 2)) == ["--output-dir", "salida", "--overwrite", "--max-steps", "2"]
+    stage03 = _source(_cell(notebook, "etapa-03"))
+    assert '("--max-steps", MAX_STEPS)' in stage03 and '("--learning-rate", LEARNING_RATE)' in stage03
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """Run the whole committed notebook once; return (executed notebook, output dir, fake hub)."""
+    import nbclient
+    import nbformat
+    from fake_hub import FakeHub
+
+    work = tmp_path_factory.mktemp("colab")
+    out = work / "salida"
+    questions = work / "preguntas.json"
+    questions.write_text(json.dumps(SMALL_QUESTIONS, ensure_ascii=False), encoding="utf-8")
+    dataset = work / "datos.json"
+    entries = json.loads((ROOT / "tu_dataset.json").read_text(encoding="utf-8"))[:24]
+    dataset.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HF_", "HUGGING", "COLAB_", "AFINAR_")) and k != "TRANSFORMERS_OFFLINE"}
+    top_level_before = sorted(p.name for p in ROOT.iterdir())
+    with FakeHub({TOKEN: {"name": "ana", "role": "write", "orgs": []}}) as hub:
+        env.update({
+            "AFINAR_OUTPUT_DIR": str(out), "AFINAR_QUESTIONS": str(questions), "AFINAR_DATASET": str(dataset),
+            "AFINAR_MAX_STEPS": "2", "AFINAR_BATCH_SIZE": "2", "AFINAR_MAX_SEQ_LENGTH": "256", "AFINAR_LOGGING_STEPS": "1",
+            "AFINAR_MAX_NEW_TOKENS": "16", "AFINAR_PUSH": "1", "AFINAR_REPO_ID": REPO_ID,
+            "HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1",
+            "HF_HOME": str(work / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
+        })
+        notebook = nbformat.read(NOTEBOOK, as_version=4)
+        client = nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3")
+        try:
+            client.execute(cwd=str(ROOT), env=env)
+        finally:
+            nbformat.write(notebook, work / "colab_ejecutado.ipynb")  # to read when something fails
+        files = hub.repo_files(REPO_ID)
+    assert sorted(p.name for p in ROOT.iterdir()) == top_level_before, "el cuaderno escribió en la raíz del repo"
+    return notebook, out, files
+
+
+def _outputs(notebook, cell_id: str) -> list[dict]:
+    return next(c for c in notebook.cells if c.get("id") == cell_id).outputs
+
+
+def _text(notebook, cell_id: str) -> str:
+    return "".join(o.get("text", "") for o in _outputs(notebook, cell_id) if o["output_type"] == "stream")
+
+
+@pytest.mark.slow
+def test_every_cell_runs_and_the_pipeline_completes(executed):
+    notebook, out, _ = executed
+    errors = [(c.get("id"), o) for c in notebook.cells if c.cell_type == "code"
+              for o in c.outputs if o["output_type"] == "error"]
+    assert errors == []
+    assert all(c.execution_count for c in notebook.cells if c.cell_type == "code")
+
+    manifest = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert set(manifest["stages"]) == {"load", "train", "export"}
+    assert all(stage["status"] == "done" for stage in manifest["stages"].values())
+    assert manifest["settings"]["max_steps"] == 2 and manifest["settings"]["max_seq_length"] == 256
+    assert manifest["stages"]["train"]["metrics"]["global_step"] == 2
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert "<table" in (out / "contraste" / "informe.html").read_text(encoding="utf-8")
+    assert (out / "merged_16bit" / "model.safetensors").exists()
+    # The user's default export, not a shortcut for the test.
+    assert (out / "gguf" / "model-q8_0.gguf").stat().st_size > 10_000_000
+
+
+@pytest.mark.slow
+def test_stage_cells_stream_the_scripts_output_and_progress(executed):
+    notebook, out, _ = executed
+    assert "Todo listo" in _text(notebook, "entorno")
+    stage02 = _text(notebook, "etapa-02")
+    assert f"$ python 02_load_model.py --output-dir {out}" in stage02 and "Listo. Manifiesto" in stage02
+    stage03 = _text(notebook, "etapa-03")
+    assert "--max-steps 2" in stage03 and "--batch-size 2" in stage03
+    assert "2/2 [" in stage03  # the Trainer's progress bar, with its elapsed<remaining times
+    assert "Veredicto:" in _text(notebook, "etapa-04")
+
+
+@pytest.mark.slow
+def test_push_cell_uploads_with_the_token_from_the_environment(executed):
+    notebook, out, files = executed
+    assert "--push-only" in _text(notebook, "subida") and f"--repo-id {REPO_ID}" in _text(notebook, "subida")
+    assert {"model.safetensors", "adapter/adapter_model.safetensors", "gguf/model-q8_0.gguf"} <= set(files)
+    assert files["model.safetensors"] == (out / "merged_16bit" / "model.safetensors").read_bytes()
+    shown = json.dumps(notebook, ensure_ascii=False)
+    assert TOKEN not in shown
+    leaks = [p for p in out.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
+    assert leaks == []
+
+
+@pytest.mark.slow
+def test_results_cell_shows_the_report_and_the_loss_curve(executed):
+    notebook, _, _ = executed
+    outputs = _outputs(notebook, "resultados")
+    html = [o["data"]["text/html"] for o in outputs if o["output_type"] == "display_data" and "text/html" in o["data"]]
+    assert html and "<iframe srcdoc=" in html[0] and "Veredicto" in html[0]
+    assert any("image/png" in o.get("data", {}) for o in outputs)
