@@ -24,8 +24,10 @@ def parse_args(argv=None):
                         "siempre los de la etapa 02 para comparar en igualdad de condiciones")
     p.add_argument("--chat", action="store_true", help="abrir un chat interactivo con el modelo afinado y terminar")
     p.add_argument("--no-merge", action="store_true", help="no fusionar ni exportar (solo la prueba de contraste)")
-    p.add_argument("--merge-dtype", choices=["bfloat16", "float16"], default="bfloat16",
-                   help="precisión de merged_16bit/ (por defecto: bfloat16, el formato original de Llama 3.2 y SmolLM2)")
+    p.add_argument("--merge-dtype", choices=["float16", "bfloat16"], default="float16",
+                   help="precisión de merged_16bit/ (por defecto: float16: sus 11 bits de mantisa conservan los "
+                        "cambios pequeños de LoRA que bfloat16 (8 bits) redondea; medido en una H200, ver "
+                        "BENCHMARKS.md; es además el formato del GGUF f16)")
     p.add_argument("--gguf", default="q8_0",
                    help="formatos GGUF separados por comas: f16, q8_0 o none (por defecto: q8_0, la mitad de tamaño "
                         "que f16 y casi sin pérdida; listo para Ollama)")

@@ -19,9 +19,9 @@ QUESTIONS = [
 ]
 from afinar.merge import DEFAULT_TOLERANCE, MIN_TOP1_AGREEMENT
 
-# merged_16bit/ is bf16 by default: the bounds are the ones afinar.merge states and explains.
-MERGE_MAX_DIFF_OVER_STD = DEFAULT_TOLERANCE["bfloat16"]
-MERGE_TOP1_AGREEMENT = MIN_TOP1_AGREEMENT["bfloat16"]
+# merged_16bit/ is fp16 by default: the bounds are the ones afinar.merge states and explains.
+MERGE_MAX_DIFF_OVER_STD = DEFAULT_TOLERANCE["float16"]
+MERGE_TOP1_AGREEMENT = MIN_TOP1_AGREEMENT["float16"]
 # Planted in every stage's environment: it must never reach a file, stdout or stderr.
 FAKE_TOKEN = "hf_PLANTEDfakeTOKEN0123456789abcdefXYZ"
 

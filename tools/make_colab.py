@@ -270,7 +270,7 @@ push_to_hub()
 RESULTS_CELL = '''\
 import html
 
-from IPython.display import HTML, Image, display
+from IPython.display import Image, display
 
 from afinar.layout import OutputLayout
 
@@ -278,8 +278,8 @@ layout = OutputLayout.at(OUTPUT_DIR)
 if layout.contrast_html.exists():
     report = layout.contrast_html.read_text(encoding="utf-8")
     # Inside an iframe: the report is a whole page with its own styles, which must not restyle the notebook.
-    display(HTML(f'<iframe srcdoc="{html.escape(report, quote=True)}" '
-                 f'style="width:100%;height:720px;border:0"></iframe>'))
+    frame = f'<iframe srcdoc="{html.escape(report, quote=True)}" style="width:100%;height:720px;border:0"></iframe>'
+    display({"text/html": frame}, raw=True)
     print("Informe:", layout.contrast_html, "y", layout.contrast_md)
 else:
     print(f"Todavía no hay informe de contraste en {layout.contrast_html}: ejecuta la etapa 04.")
