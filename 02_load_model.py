@@ -23,6 +23,9 @@ def parse_args(argv=None):
                    help="cargar la base en 4 bits (nf4) (por defecto: sí con GPU, para caber en una T4; no en CPU)")
     p.add_argument("--no-load-in-4bit", dest="load_in_4bit", action="store_false",
                    help="cargar la base en 16 bits en GPU (más rápido y más memoria)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="precisión de cálculo (por defecto: auto = bf16 en GPU que lo tenga, fp16 en la T4, fp32 en "
+                        "CPU; bf16 en CPU con AMX es más rápido pero redondea más)")
     p.add_argument("--lora-r", type=int, default=16, help=settings.help_text("lora_r", "rango de LoRA"))
     p.add_argument("--lora-alpha", type=int, default=None, help=settings.help_text("lora_alpha", "alpha de LoRA"))
     p.add_argument("--lora-dropout", type=float, default=0.0, help=settings.help_text("lora_dropout", "dropout de LoRA"))

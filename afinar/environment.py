@@ -49,8 +49,31 @@ def detect_device() -> DeviceInfo:
                       memory_gib=None, capability=None, colab=in_colab())
 
 
-def precision_for(device: DeviceInfo) -> str:
-    """fp32 on CPU (bf16 matmuls are slow there), bf16 where the GPU has it, fp16 otherwise (T4)."""
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX-512 BF16: the CPU multiplies bf16 matrices natively, so a bf16 base is faster than fp32."""
+    try:
+        flags = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def precision_for(device: DeviceInfo, requested: str = "auto") -> str:
+    """bf16 where the GPU has it, fp16 otherwise (T4); fp32 on CPU unless asked for bf16.
+
+    On CPU, bf16 is only allowed where the processor computes it natively; elsewhere it is emulated and
+    slower than fp32.
+    """
+    if requested != "auto":
+        if requested == "bf16" and device.kind == "cpu" and not cpu_has_fast_bf16():
+            from .errors import UserError
+
+            raise UserError("--precision bf16 en CPU necesita un procesador con AMX o AVX-512 BF16; usa fp32.")
+        if requested == "bf16" and device.kind == "cuda" and not device.bf16:
+            from .errors import UserError
+
+            raise UserError(f"La GPU {device.name} no tiene bf16 (p. ej. la T4): usa --precision fp16.")
+        return requested
     if device.kind == "cpu":
         return "fp32"
     return "bf16" if device.bf16 else "fp16"

@@ -42,11 +42,11 @@ def run(args) -> dict[str, Any]:
         raise UserError("--load-in-4bit necesita una GPU con CUDA (bitsandbytes); en CPU el modelo se carga en fp32.")
     load_in_4bit = device.kind == "cuda" if args.load_in_4bit is None else args.load_in_4bit
 
+    precision = precision_for(device, args.precision)
     questions = _load_questions(args.questions)
-    prepare_output_dir(layout, args.overwrite)
     print(f"Dispositivo: {device.kind} ({device.name}); backend: {backend}; modelo: {model_name}", flush=True)
-    display_name, base_path = modeling.resolve_model(model_name)
-    precision = precision_for(device)
+    display_name, base_path = modeling.resolve_model(model_name)  # before touching the output dir
+    prepare_output_dir(layout, args.overwrite)
 
     resolved = {key: settings.default(key, device.kind) for key in settings.TRAIN_KEYS}
     resolved.update({

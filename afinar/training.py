@@ -160,7 +160,7 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
         train_sampling_strategy="sequential",
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        use_cpu=precision == "fp32" and not _cuda(),
+        use_cpu=not _cuda(),
     )
     trainer_cls = _make_trainer_class()
     metrics_cb, timed_cb = _make_callbacks(layout, settings["save_minutes"], None)
