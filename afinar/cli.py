@@ -9,7 +9,9 @@ from .layout import DEFAULT_OUTPUT_DIR
 
 
 class SpanishHelpFormatter(argparse.RawDescriptionHelpFormatter):
-    pass
+    def add_usage(self, usage, actions, groups, prefix=None):
+        # argparse's own "usage: " is not translated; every other heading of --help already is.
+        return super().add_usage(usage, actions, groups, "uso: " if prefix is None else prefix)
 
 
 def parser(description: str) -> argparse.ArgumentParser:

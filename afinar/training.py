@@ -40,6 +40,27 @@ def build_dataset(entries: list[dict], tokenizer, max_seq_length: int, packing: 
     return Dataset.from_list(rows)
 
 
+def response_only_loss(model, inputs: dict, num_items_in_batch=None):
+    """Cross-entropy of the labelled (response) tokens, without logits for the prompt positions.
+
+    Equal to the model's own loss (sum over labelled next tokens / their count, or / num_items_in_batch
+    under gradient accumulation), but the 49k- or 128k-wide LM head only sees the positions that count.
+    """
+    import torch.nn.functional as F
+
+    from .prompts import IGNORE_INDEX
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    features = {k: v for k, v in inputs.items() if k != "labels"}
+    hidden = causal_lm.model(**features).last_hidden_state
+    targets = inputs["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()
+    total = F.cross_entropy(logits, targets[keep], reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
+    return total / count
+
+
 def _make_trainer_class():
     import torch
     from transformers import Trainer
@@ -56,10 +77,13 @@ def _make_trainer_class():
             self.real_tokens += int(inputs.pop("real_tokens"))
             if use_fused_head:
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            else:
+            elif model is self.model and not return_outputs:
                 # TRL 1.15 always routes through a Triton-only fused LM head, which crashes on CPU
-                # ('NoneType' object has no attribute 'apply'). The plain Trainer loss is the same
-                # token-mean cross-entropy over the labels we built, so CPU and GPU share TRL 1.15.0.
+                # ('NoneType' object has no attribute 'apply'). We compute the same token-mean
+                # cross-entropy ourselves, projecting only the response positions through the LM head.
+                result = response_only_loss(model, inputs, num_items_in_batch)
+            else:
+                # Wrapped (DDP) models must run their own forward so gradient hooks fire.
                 result = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             loss = result[0] if return_outputs else result
             if not torch.isfinite(loss.detach()).all():

@@ -35,7 +35,7 @@ def pasted(script: str, main_args: list[str] | None = None) -> str:
 def make_repo_root(root) -> None:
     for name in (*SCRIPTS, "afinar"):
         (root / name).symlink_to(ROOT / name)
-    questions = json.loads((ROOT / "preguntas_contraste.json").read_text(encoding="utf-8"))[:2]
+    questions = json.loads((ROOT / "preguntas_contraste.json").read_text(encoding="utf-8"))[:1]
     (root / "preguntas_contraste.json").write_text(json.dumps(questions, ensure_ascii=False), encoding="utf-8")
     entries = json.loads((ROOT / "tu_dataset.json").read_text(encoding="utf-8"))[:24]
     (root / "tu_dataset.json").write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
@@ -116,7 +116,7 @@ def test_pasted_02_runs_with_its_defaults_in_the_repo_root(kernel_run):
     assert manifest["questions_file"] == str((root / "preguntas_contraste.json").resolve())
     assert manifest["settings"]["lora_r"] == 16
     answers = (root / "salida" / "contraste" / "antes.jsonl").read_text(encoding="utf-8").splitlines()
-    assert len(answers) == 2
+    assert len(answers) == 1
     assert "Listo. Manifiesto: salida/run.json" in stream(outputs, "02", "stdout")
 
 
