@@ -19,7 +19,8 @@ def parse_args(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--dataset", default="tu_dataset.json",
                    help="datos en formato Alpaca, JSON o JSON Lines (por defecto: tu_dataset.json)")
-    p.add_argument("--check-data", action="store_true", help="solo revisar los datos y terminar (no necesita modelo)")
+    p.add_argument("--check-data", action="store_true",
+                   help="solo revisar los datos y terminar, sin cargar ningún modelo (por defecto: no)")
     p.add_argument("--max-steps", type=int, default=None, help=settings.help_text("max_steps", "pasos de entrenamiento"))
     p.add_argument("--epochs", type=float, default=None, help=settings.help_text("epochs", "épocas"))
     p.add_argument("--learning-rate", type=float, default=None,
@@ -39,11 +40,12 @@ def parse_args(argv=None):
                    help=settings.help_text("packing", "empaquetar varios ejemplos seguidos en cada fila, sin mezclar "
                                                       "su atención"))
     p.add_argument("--resume", action="store_true", help="reanudar desde el último checkpoint (por defecto: no)")
-    p.add_argument("--overwrite", action="store_true", help="entrenar de nuevo aunque ya exista un adaptador")
+    p.add_argument("--overwrite", action="store_true",
+                   help="entrenar de nuevo aunque ya exista un adaptador (por defecto: no, para no perder el que hay)")
     data = p.add_argument_group("datos")
     data.add_argument("--hub-dataset", action="append", metavar="NOMBRE[:N]",
                       help="mezclar un conjunto Alpaca en español del Hub o una copia local (repetible); "
-                           "p. ej. bertin-project/alpaca-spanish:2000")
+                           "p. ej. bertin-project/alpaca-spanish:2000 (por defecto: ninguno, solo tus datos)")
     data.add_argument("--hub-ratio", type=float, default=0.3,
                       help="proporción de ejemplos del Hub en la mezcla (por defecto: 0.3; más diluye tu tema)")
     data.add_argument("--keep-duplicates", action="store_true",

@@ -22,8 +22,10 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens máximos por respuesta en --chat (por defecto: 300); la prueba de contraste usa "
                         "siempre los de la etapa 02 para comparar en igualdad de condiciones")
-    p.add_argument("--chat", action="store_true", help="abrir un chat interactivo con el modelo afinado y terminar")
-    p.add_argument("--no-merge", action="store_true", help="no fusionar ni exportar (solo la prueba de contraste)")
+    p.add_argument("--chat", action="store_true",
+                   help="abrir un chat interactivo con el modelo afinado y terminar (por defecto: no)")
+    p.add_argument("--no-merge", action="store_true",
+                   help="no fusionar ni exportar, solo la prueba de contraste (por defecto: no)")
     p.add_argument("--merge-dtype", choices=["float16", "bfloat16"], default="float16",
                    help="precisión de merged_16bit/ (por defecto: float16: sus 11 bits de mantisa conservan los "
                         "cambios pequeños de LoRA que bfloat16 (8 bits) redondea; medido en una H200, ver "
@@ -31,13 +33,17 @@ def parse_args(argv=None):
     p.add_argument("--gguf", default="q8_0",
                    help="formatos GGUF separados por comas: f16, q8_0 o none (por defecto: q8_0, la mitad de tamaño "
                         "que f16 y casi sin pérdida; listo para Ollama)")
-    p.add_argument("--push", action="store_true", help="subir al Hub al terminar (necesita --repo-id y HF_TOKEN)")
-    p.add_argument("--push-only", action="store_true", help="subir lo ya exportado sin recalcular nada")
-    p.add_argument("--repo-id", default=None, help="repositorio de destino en el Hub: usuario/nombre")
+    p.add_argument("--push", action="store_true",
+                   help="subir al Hub al terminar, con --repo-id y HF_TOKEN (por defecto: no, todo queda en local)")
+    p.add_argument("--push-only", action="store_true",
+                   help="subir lo ya exportado sin recalcular nada (por defecto: no)")
+    p.add_argument("--repo-id", default=None,
+                   help="repositorio de destino en el Hub: usuario/nombre (por defecto: ninguno; necesario con --push)")
     p.add_argument("--private", action="store_true", help="crear el repositorio como privado (por defecto: público)")
     p.add_argument("--what", default="adapter,merged,gguf",
                    help="qué subir: adapter, merged, gguf (por defecto: las tres)")
-    p.add_argument("--overwrite", action="store_true", help="repetir la exportación aunque ya exista")
+    p.add_argument("--overwrite", action="store_true",
+                   help="repetir la exportación aunque ya exista (por defecto: no, para no pisar lo exportado)")
     return p.parse_args(cli.argv_or_notebook(argv))
 
 

@@ -56,6 +56,7 @@ def generate_answers(
     _seed_everything(seed)
 
     results: dict[int, dict[str, Any]] = {}
+    began = time.perf_counter()
     with _inference(model):
         start = 0
         while start < len(order):
@@ -73,6 +74,10 @@ def generate_answers(
             for index, row in zip(chunk, answered):
                 results[index] = {"question": texts[index], **row}
             start += len(chunk)
+            elapsed = time.perf_counter() - began
+            left = elapsed / start * (len(order) - start)
+            print(f"  generación: {start}/{len(order)} respuestas, {elapsed:.0f} s"
+                  + (f", quedan ~{left:.0f} s" if start < len(order) else ""), flush=True)
     return [results[i] for i in range(len(texts))]
 
 

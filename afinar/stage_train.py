@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from . import manifest, modeling, settings
+from . import distributed, manifest, modeling, settings
 from .environment import detect_device
 from .errors import UserError
 from .layout import OutputLayout
@@ -26,12 +26,22 @@ def _refuse_rerun(layout: OutputLayout, run_manifest: dict, overwrite: bool, res
         )
 
 
+def _refuse_unsloth_across_processes(backend: str) -> None:
+    if backend == "unsloth" and distributed.is_distributed():
+        raise UserError(
+            f"Entrenar con varios procesos ({distributed.world_size()}) solo está verificado con --backend hf "
+            f"(transformers + PEFT bajo DDP); la etapa 02 eligió Unsloth. Ejecuta de nuevo la etapa 02 con "
+            f"--backend hf --overwrite, o entrena con un solo proceso (python 03_train_model.py)."
+        )
+
+
 def run(args) -> dict[str, Any]:
+    distributed.configure_process()
     layout = OutputLayout.at(args.output_dir)
     run_manifest = manifest.read(layout)
     manifest.require_stage(run_manifest, "load", layout)
     _refuse_rerun(layout, run_manifest, args.overwrite, args.resume)
-    if args.overwrite and not args.resume:
+    if args.overwrite and not args.resume and distributed.is_main_process():
         import shutil
 
         shutil.rmtree(layout.checkpoints, ignore_errors=True)
@@ -41,6 +51,7 @@ def run(args) -> dict[str, Any]:
     recorded = run_manifest["settings"]
     overrides = {key: getattr(args, key, None) for key in settings.TRAIN_KEYS}
     resolved = {**recorded, **settings.inherit(recorded, overrides, settings.TRAIN_KEYS)}
+    _refuse_unsloth_across_processes(resolved["backend"])
 
     from transformers import AutoTokenizer
 
@@ -53,8 +64,11 @@ def run(args) -> dict[str, Any]:
         args.dataset, hub_specs=args.hub_dataset or (), hub_ratio=args.hub_ratio,
         keep_duplicates=args.keep_duplicates, drop_non_spanish=args.drop_non_spanish, mix_ratio=args.mix_ratio,
         eval_fraction=args.eval_fraction, seed=resolved["seed"], tokenizer=tokenizer,
-        max_seq_length=resolved["max_seq_length"], layout=layout,
+        max_seq_length=resolved["max_seq_length"], layout=layout if distributed.is_main_process() else None,
     )
+    # Every rank builds the same ordered data; only rank 0 writes the report. The barrier also makes sure
+    # rank 0 has cleared old checkpoints (--overwrite) before anyone trains, and binds each rank to its GPU.
+    distributed.barrier()
 
     device = detect_device()
     precision = resolved.get("precision") or "fp32"
@@ -68,13 +82,15 @@ def run(args) -> dict[str, Any]:
                     resume=args.resume, packing=resolved["packing"])
     if not finite_adapter(model):
         raise UserError("El adaptador entrenado contiene NaN o infinitos: no se guarda. Baja --learning-rate.")
+    if not distributed.is_main_process():
+        return {"layout": layout, "metrics": metrics}
     modeling.save_adapter(model, tokenizer, layout.adapter, run_manifest["model"]["base_model"])
 
     run_manifest["settings"] = resolved
     manifest.record_stage(
         layout, run_manifest, "train",
         seconds=round(time.perf_counter() - started, 1), dataset=str(args.dataset), data=prepared.summary,
-        metrics=metrics, adapter=manifest.relative(layout, layout.adapter),
+        metrics=metrics, world_size=distributed.world_size(), adapter=manifest.relative(layout, layout.adapter),
         metrics_file=manifest.relative(layout, layout.metrics), loss_plot=manifest.relative(layout, layout.loss_plot),
         eval_split=manifest.relative(layout, layout.eval_split) if layout.eval_split.exists() else None,
     )

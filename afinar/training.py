@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import atomic
+from . import atomic, distributed
 from .errors import UserError
 from .layout import OutputLayout
 from .packing import Collator, pack_in_order
@@ -108,7 +108,8 @@ def _make_callbacks(layout: OutputLayout, save_minutes: float, total_steps_hint:
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = self.last_time = time.perf_counter()
-            if layout.metrics.exists():  # resuming: keep what was logged before the interruption
+            # Resuming: keep what was logged before the interruption (rank 0 only: it alone writes the file).
+            if layout.metrics.exists() and state.is_world_process_zero:
                 self.rows = [json.loads(line) for line in layout.metrics.read_text().splitlines() if line.strip()]
                 self.rows = [r for r in self.rows if r["step"] <= state.global_step]
 
@@ -116,7 +117,10 @@ def _make_callbacks(layout: OutputLayout, save_minutes: float, total_steps_hint:
             if not logs or "loss" not in logs:
                 return
             now = time.perf_counter()
-            tokens = self.trainer.real_tokens if self.trainer else 0
+            # Every rank logs at the same steps, so the sum is a safe collective; rank 0 alone writes and prints.
+            tokens = distributed.sum_across_ranks(self.trainer.real_tokens if self.trainer else 0)
+            if not state.is_world_process_zero:
+                return
             rate = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
             self.last_tokens, self.last_time = tokens, now
             row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 3), "loss": round(logs["loss"], 5),
@@ -134,7 +138,9 @@ def _make_callbacks(layout: OutputLayout, save_minutes: float, total_steps_hint:
             self.last = time.monotonic()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if time.monotonic() - self.last >= save_minutes * 60:
+            due = time.monotonic() - self.last >= save_minutes * 60
+            # Each rank has its own clock: save when any rank is due, so that all ranks save the same step.
+            if distributed.sum_across_ranks(int(due)) > 0:
                 control.should_save = True
             if control.should_save:
                 self.last = time.monotonic()
@@ -185,6 +191,8 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
         dataloader_num_workers=0,
         remove_unused_columns=False,
         use_cpu=not _cuda(),
+        # Every LoRA matrix takes part in every forward: DDP need not search the graph for unused ones.
+        ddp_find_unused_parameters=False,
     )
     trainer_cls = _make_trainer_class()
     metrics_cb, timed_cb = _make_callbacks(layout, settings["save_minutes"], None)
@@ -211,6 +219,7 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
         ) from None
     seconds = time.perf_counter() - started
     rows = metrics_cb.rows
+    real_tokens = distributed.sum_across_ranks(trainer.real_tokens)
     _plot_loss(layout, rows)
     return {
         "global_step": trainer.state.global_step,
@@ -219,8 +228,8 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
         "first_loss": rows[0]["loss"] if rows else None,
         "train_loss": output.training_loss,
         "seconds": round(seconds, 1),
-        "real_tokens": trainer.real_tokens,
-        "tokens_per_second": round(trainer.real_tokens / max(seconds, 1e-9), 1),
+        "real_tokens": real_tokens,
+        "tokens_per_second": round(real_tokens / max(seconds, 1e-9), 1),
         "train_examples": len(dataset),
         "resumed_from": str(resume_from.relative_to(layout.root)) if resume_from else None,
         "fused_lm_head": triton_available(),

@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -48,8 +47,8 @@ def test_parameters_default_to_the_scripts_defaults_and_read_the_environment(mon
     make_colab = _make_colab()
     notebook = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
     source = _source(_cell(notebook, "parametros"))
-    for name in [k for k in os.environ if k.startswith("AFINAR_")]:
-        monkeypatch.delenv(name)
+    for param in make_colab.PARAMS:
+        monkeypatch.delenv(f"AFINAR_{param.name}", raising=False)
     defaults: dict = {}
     exec(compile(source, "<parametros>", "exec"), defaults)
 
@@ -101,14 +100,17 @@ def executed(tmp_path_factory):
     entries = json.loads((ROOT / "tu_dataset.json").read_text(encoding="utf-8"))[:24]
     dataset.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
 
+    # Only the notebook's own parameters are cleared: AFINAR_CACHE (where the embedded model lives) stays.
+    parameters = {f"AFINAR_{p.name}" for p in _make_colab().PARAMS} | {"AFINAR_REPO_URL"}
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGING", "COLAB_", "AFINAR_")) and k != "TRANSFORMERS_OFFLINE"}
-    top_level_before = sorted(p.name for p in ROOT.iterdir())
+           if not k.startswith(("HF_", "HUGGING", "COLAB_")) and k not in parameters and k != "TRANSFORMERS_OFFLINE"}
+    salida_before = (ROOT / "salida").exists()
     with FakeHub({TOKEN: {"name": "ana", "role": "write", "orgs": []}}) as hub:
         env.update({
             "AFINAR_OUTPUT_DIR": str(out), "AFINAR_QUESTIONS": str(questions), "AFINAR_DATASET": str(dataset),
-            "AFINAR_MAX_STEPS": "2", "AFINAR_BATCH_SIZE": "2", "AFINAR_MAX_SEQ_LENGTH": "256", "AFINAR_LOGGING_STEPS": "1",
-            "AFINAR_MAX_NEW_TOKENS": "16", "AFINAR_PUSH": "1", "AFINAR_REPO_ID": REPO_ID,
+            "AFINAR_MAX_STEPS": "2", "AFINAR_BATCH_SIZE": "2", "AFINAR_LOGGING_STEPS": "1",
+            "AFINAR_MAX_SEQ_LENGTH": "256", "AFINAR_MAX_NEW_TOKENS": "16",
+            "AFINAR_PUSH": "1", "AFINAR_REPO_ID": REPO_ID,
             "HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1",
             "HF_HOME": str(work / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
         })
@@ -119,7 +121,7 @@ def executed(tmp_path_factory):
         finally:
             nbformat.write(notebook, work / "colab_ejecutado.ipynb")  # to read when something fails
         files = hub.repo_files(REPO_ID)
-    assert sorted(p.name for p in ROOT.iterdir()) == top_level_before, "el cuaderno escribió en la raíz del repo"
+    assert (ROOT / "salida").exists() == salida_before, "el cuaderno escribió en la salida/ del repositorio"
     return notebook, out, files
 
 

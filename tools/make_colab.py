@@ -327,8 +327,8 @@ HELPERS_MD = """\
 
 Cada etapa se ejecuta como un proceso aparte, igual que `!python 02_load_model.py`: así la memoria de la GPU
 queda libre del todo entre una etapa y la siguiente, lo que instala `01_setup.sh` se usa sin reiniciar el
-cuaderno y un fallo no tumba el cuaderno. La salida, barras de progreso incluidas, aparece a medida que llega.
-Si una etapa falla, su mensaje (en español) dice qué hacer."""
+entorno y el fallo de una etapa no se lleva por delante las variables del cuaderno. La salida, barras de
+progreso incluidas, aparece a medida que llega. Si una etapa falla, su mensaje (en español) dice qué hacer."""
 
 CLONE_MD = """\
 ## 1. Descargar el proyecto
