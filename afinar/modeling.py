@@ -100,7 +100,10 @@ def load_base(path: str, *, backend: str, load_in_4bit: bool, precision: str, ma
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=_torch_dtype(precision),
             )
-            kwargs["device_map"] = {"": 0}
+            import torch
+
+            # Under torchrun each rank has already picked its own GPU (afinar.distributed.barrier).
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         if not load_in_4bit:
