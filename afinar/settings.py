@@ -17,9 +17,11 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
     "lora_r": (16, 16, "rango 16: buen equilibrio entre capacidad y memoria; más alto aprende más y ocupa más"),
     "lora_alpha": (16, 16, "alpha = r deja la escala de LoRA en 1, la receta de los cuadernos de Unsloth"),
     "lora_dropout": (0.0, 0.0, "0: con pocas épocas no hace falta regularizar y Unsloth lo acelera"),
-    "max_seq_length": (2048, 512, "2048 en GPU cubre ensayos largos; 512 en CPU basta para tu_dataset.json y es 4x más barato"),
+    "max_seq_length": (2048, 640, "2048 en GPU cubre ensayos largos; 640 en CPU cubre el ensayo más largo de "
+                       "tu_dataset.json (599 tokens con la plantilla) sin pagar filas de 2048"),
     "learning_rate": (2e-4, 1e-3, "2e-4 es lo habitual en QLoRA; en CPU, con pocos pasos, un modelo de 135M necesita más"),
-    "epochs": (3.0, 3.0, "3 pasadas por un conjunto de ~200 entradas fijan el estilo sin memorizarlo"),
+    "epochs": (3.0, 2.0, "3 pasadas por ~200 entradas fijan el estilo sin memorizarlo; en CPU, 2 para que la "
+               "demostración completa quepa en 15 minutos con 2 núcleos"),
     "max_steps": (None, None, "sin límite: manda --epochs; úsalo para pruebas rápidas"),
     "batch_size": (8, 4, "8 en GPU; 4 en CPU, donde más lote no da más velocidad con 2 núcleos"),
     "grad_accum": (1, 1, "1: con lotes de 4-8 y pocas entradas, acumular solo reduce el número de pasos"),

@@ -96,7 +96,7 @@ def run_anchor(steps: int, warmup: int, batch: int) -> dict:
             "tok_s": clock.rate(warmup)}
 
 
-def run_project(steps: int, warmup: int) -> dict:
+def run_project(steps: int, warmup: int, precision_flag: str = "auto") -> dict:
     import tempfile
 
     from afinar import modeling, settings
@@ -109,7 +109,7 @@ def run_project(steps: int, warmup: int) -> dict:
     _, base_path = modeling.resolve_model("smollm2-135m")
     resolved.update(model="smollm2", base_path=base_path, backend="hf", load_in_4bit=False, lora_r=16,
                     lora_alpha=16, lora_dropout=0.0, max_steps=steps, save_steps=10_000, logging_steps=1000)
-    precision = precision_for(device)
+    precision = precision_for(device, precision_flag)
     model, tokenizer = modeling.build(resolved, device, precision)
     clock = StepClock()
     original = training._make_trainer_class
@@ -120,13 +120,13 @@ def run_project(steps: int, warmup: int) -> dict:
         class Counting(base):
             def training_step(self, model, inputs, *args, **kwargs):
                 clock.tokens += int(inputs["real_tokens"])
-                return super().training_step(model, inputs, *args, **kwargs)
+                out = super().training_step(model, inputs, *args, **kwargs)
+                clock.marks.append((time.perf_counter(), clock.tokens))  # one optimizer step (no accumulation)
+                return out
 
         return Counting
 
     training._make_trainer_class = counting_class
-    original_callbacks = training._make_callbacks
-    training._make_callbacks = lambda *a, **k: (*original_callbacks(*a, **k), clock.callback())
     with tempfile.TemporaryDirectory() as tmp:
         training.train(model, tokenizer, entries(steps * resolved["batch_size"] * 4),
                        layout=OutputLayout.at(tmp), settings=resolved, precision=precision,
@@ -141,12 +141,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--only", choices=["anchor", "project"])
+    parser.add_argument("--precision", default="auto", help="precisión de nuestra ruta (como --precision de 02)")
     args = parser.parse_args()
     if args.only == "anchor":
         print("RESULT " + json.dumps(run_anchor(args.steps, args.warmup, args.batch)), flush=True)
         return
     if args.only == "project":
-        print("RESULT " + json.dumps(run_project(args.steps, args.warmup)), flush=True)
+        print("RESULT " + json.dumps(run_project(args.steps, args.warmup, args.precision)), flush=True)
         return
 
     results = []
@@ -154,7 +155,8 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (extra_path, str(ROOT)) if p),
                "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run([sys.executable, __file__, "--only", only, "--steps", str(args.steps),
-                               "--warmup", str(args.warmup), "--batch", str(args.batch)],
+                               "--warmup", str(args.warmup), "--batch", str(args.batch),
+                               "--precision", args.precision],
                               env=env, capture_output=True, text=True)
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not line:
