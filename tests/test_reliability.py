@@ -105,3 +105,23 @@ def test_kill_during_atomic_writes_never_leaves_a_torn_file(tmp_path):
     leftovers = [p for p in tmp_path.iterdir() if p.name != "run.json"]
     # A kill can leave a hidden temp file behind, but never a visible partial artifact.
     assert all(p.name.startswith(".run.json.") for p in leftovers)
+
+
+def test_unsloth_backend_without_cuda_says_what_to_do(tmp_path):
+    proc = run_script("02_load_model.py", "--output-dir", str(tmp_path / "salida"), "--backend", "unsloth",
+                      check=False)
+    assert proc.returncode == 2
+    assert "--backend hf" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "salida").exists()  # refused before anything was written
+
+
+def test_remote_code_is_never_trusted():
+    """No call in the package or the scripts may enable trust_remote_code."""
+    import re
+
+    sources = list((ROOT / "afinar").glob("*.py")) + list(ROOT.glob("0*_*.py"))
+    values = {str(p): re.findall(r"trust_remote_code[\"']?\s*[=:]\s*([\w.]+)", p.read_text(encoding="utf-8"))
+              for p in sources}
+    enabled = {path: found for path, found in values.items() if any(v != "False" for v in found)}
+    assert enabled == {}
+    assert any(values.values())  # the loaders do pass it, explicitly off
