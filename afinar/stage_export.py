@@ -21,9 +21,10 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _eval_entries(layout: OutputLayout, eval_file: str | None) -> tuple[list[dict], str | None]:
     if eval_file:
-        from .data_check import load_entries
+        from .data_check import read_dataset
 
-        return load_entries(eval_file), str(eval_file)
+        # The same checks as the training data: a bad file is a Spanish message naming entry and field.
+        return read_dataset(eval_file).entries, str(eval_file)
     if layout.eval_split.exists():
         return _read_jsonl(layout.eval_split), manifest.relative(layout, layout.eval_split)
     return [], None

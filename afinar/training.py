@@ -93,7 +93,7 @@ def _make_trainer_class():
     return AfinarTrainer
 
 
-def _make_callbacks(layout: OutputLayout, save_minutes: float, total_steps_hint: int | None):
+def _make_callbacks(layout: OutputLayout, save_minutes: float):
     from transformers import TrainerCallback
 
     class MetricsCallback(TrainerCallback):
@@ -195,7 +195,7 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
         ddp_find_unused_parameters=False,
     )
     trainer_cls = _make_trainer_class()
-    metrics_cb, timed_cb = _make_callbacks(layout, settings["save_minutes"], None)
+    metrics_cb, timed_cb = _make_callbacks(layout, settings["save_minutes"])
     trainer = trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                           data_collator=Collator(tokenizer.pad_token_id), callbacks=[metrics_cb, timed_cb])
     metrics_cb.trainer = trainer
