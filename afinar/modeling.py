@@ -76,7 +76,7 @@ def _torch_dtype(precision: str):
 
 
 def load_base(path: str, *, backend: str, load_in_4bit: bool, precision: str, max_seq_length: int,
-              attn_implementation: str | None = None):
+              attn_implementation: str | None = None, dequantize_4bit: bool = False):
     """Return (model, tokenizer) for the base model, without adapter."""
     if backend == "unsloth":
         import unsloth  # noqa: F401  (must be imported before transformers patches are applied)
@@ -105,6 +105,10 @@ def load_base(path: str, *, backend: str, load_in_4bit: bool, precision: str, ma
             # Under torchrun each rank has already picked its own GPU (afinar.distributed.barrier).
             kwargs["device_map"] = {"": torch.cuda.current_device()}
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if load_in_4bit and dequantize_4bit:
+            from .engine import dequantize_4bit_
+
+            dequantize_4bit_(model)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         if not load_in_4bit:
             import torch
@@ -136,6 +140,9 @@ def add_lora(model, *, backend: str, lora_r: int, lora_alpha: int, lora_dropout:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     config = LoraConfig(
         r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=LORA_TARGET_MODULES,
         bias="none", task_type="CAUSAL_LM",
@@ -162,15 +169,23 @@ def adapter_config(adapter_dir: Path) -> dict:
 
 
 def build(settings: dict[str, Any], device: DeviceInfo, precision: str, adapter_dir: Path | None = None,
-          gradient_checkpointing: bool = False):
-    """Base + LoRA exactly as stage 02 defined them, optionally with saved adapter weights loaded."""
+          gradient_checkpointing: bool = False, plan=None):
+    """Base + LoRA exactly as stage 02 defined them, optionally with saved adapter weights loaded.
+
+    `plan` (afinar.engine.Plan) is stage 03's choice of engine: it may load through another backend than
+    stage 02 did (the adapter file is the same PEFT format), with flex attention and a dequantized base.
+    """
+    backend = plan.backend if plan else settings["backend"]
     model, tokenizer = load_base(
-        settings["base_path"], backend=settings["backend"], load_in_4bit=settings["load_in_4bit"],
+        settings["base_path"], backend=backend, load_in_4bit=settings["load_in_4bit"],
         precision=precision, max_seq_length=settings["max_seq_length"],
-        attn_implementation=settings.get("attn_implementation"),
+        attn_implementation=plan.attn_implementation if plan else settings.get("attn_implementation"),
+        dequantize_4bit=bool(plan and plan.dequantize_4bit),
     )
+    if plan:
+        gradient_checkpointing = plan.gradient_checkpointing
     model = add_lora(
-        model, backend=settings["backend"], lora_r=settings["lora_r"], lora_alpha=settings["lora_alpha"],
+        model, backend=backend, lora_r=settings["lora_r"], lora_alpha=settings["lora_alpha"],
         lora_dropout=settings["lora_dropout"], seed=settings["seed"], gradient_checkpointing=gradient_checkpointing,
     )
     if adapter_dir is not None:

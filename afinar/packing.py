@@ -34,11 +34,18 @@ class Collator:
     """Right-pads a batch; `real_tokens` (non-pad tokens) is popped by the trainer before the forward."""
 
     pad_token_id: int
+    pad_to: int | None = None  # fixed row length (compiled layers); None = the longest row of the batch
+    rows: int | None = None  # fixed rows per batch: a short last batch gets empty rows (no labels)
 
     def __call__(self, examples: list[dict]) -> dict:
         import torch
 
         longest = max(len(e["input_ids"]) for e in examples)
+        if self.pad_to:
+            longest = max(longest, self.pad_to)
+        if self.rows and len(examples) < self.rows:
+            empty = {key: [] for key in examples[0]}
+            examples = list(examples) + [empty] * (self.rows - len(examples))
         packed = "position_ids" in examples[0]
         input_ids, labels, extra = [], [], []
         for e in examples:

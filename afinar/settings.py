@@ -24,21 +24,24 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
     "epochs": (3.0, 2.0, "3 pasadas por ~200 entradas fijan el estilo sin memorizarlo; en CPU, 2 para que la "
                "demostración completa quepa en 15 minutos con 2 núcleos"),
     "max_steps": (None, None, "sin límite: manda --epochs; úsalo para pruebas rápidas"),
-    "batch_size": (8, 4, "8 en GPU; 4 en CPU, donde más lote no da más velocidad con 2 núcleos"),
+    "batch_size": (None, 4, "en GPU, automático según el motor y la memoria de la tarjeta (16 filas de 2048 en la "
+                   "H200, 8 con Unsloth); 4 en CPU, donde más lote no da más velocidad con 2 núcleos"),
     "grad_accum": (1, 1, "1: con lotes de 4-8 y pocas entradas, acumular solo reduce el número de pasos"),
     "seed": (42, 42, "fija el orden de los datos y la inicialización de LoRA para poder repetir el resultado"),
     "warmup_ratio": (0.05, 0.05, "un calentamiento corto evita pasos bruscos al principio"),
     "save_steps": (100, 50, "guardar cada N pasos; además se guarda cada --save-minutes"),
     "save_minutes": (10.0, 10.0, "una desconexión de Colab pierde como mucho 10 minutos de trabajo"),
     "logging_steps": (5, 5, "una línea de registro cada 5 pasos"),
-    "packing": (False, True, "en CPU, empaquetar en orden evita calcular relleno (un tercio de los tokens de un lote "
-                "que mezcla ensayos y respuestas cortas)"),
+    "packing": (None, True, "empaquetar en orden evita calcular relleno (un tercio de los tokens de un lote que mezcla "
+                "ensayos y respuestas cortas); en GPU, automático: sí con el motor compilado, no con Unsloth"),
+    "engine": ("auto", "auto", "auto: en GPU con bf16 y 40 GiB o más, transformers + PEFT compilado con atención flex "
+               "(el más rápido medido); en GPU más pequeñas o sin bf16 (T4), Unsloth; en CPU, eager"),
 }
 
 # Settings fixed by stage 02 (the adapter's shape): 03 and 04 must not change them.
 LOAD_KEYS = ("model", "base_path", "backend", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout")
 TRAIN_KEYS = ("max_seq_length", "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "seed",
-              "warmup_ratio", "save_steps", "save_minutes", "logging_steps", "packing")
+              "warmup_ratio", "save_steps", "save_minutes", "logging_steps", "packing", "engine")
 
 
 def default(name: str, device_kind: str) -> Any:
@@ -53,7 +56,7 @@ def why(name: str) -> str:
 def _shown(value: Any) -> str:
     if isinstance(value, bool):
         return "sí" if value else "no"
-    return "ninguno" if value is None else str(value)
+    return "automático" if value is None else str(value)
 
 
 def help_text(name: str, text: str) -> str:

@@ -51,7 +51,12 @@ def run(args) -> dict[str, Any]:
     recorded = run_manifest["settings"]
     overrides = {key: getattr(args, key, None) for key in settings.TRAIN_KEYS}
     resolved = {**recorded, **settings.inherit(recorded, overrides, settings.TRAIN_KEYS)}
-    _refuse_unsloth_across_processes(resolved["backend"])
+    device = detect_device()
+    from . import engine
+
+    # Checked before the data work (a wrong --engine fails fast); re-planned below with the data's size.
+    plan = engine.plan(resolved, device, resolved.get("engine") or "auto")
+    _refuse_unsloth_across_processes(plan.backend)
 
     from transformers import AutoTokenizer
 
@@ -70,16 +75,29 @@ def run(args) -> dict[str, Any]:
     # rank 0 has cleared old checkpoints (--overwrite) before anyone trains, and binds each rank to its GPU.
     distributed.barrier()
 
-    device = detect_device()
+    plan = engine.plan(resolved, device, resolved.get("engine") or "auto",
+                       packed_rows=(prepared.summary.get("packing") or {}).get("rows"))
+    resolved.update(batch_size=plan.batch_size, packing=plan.packing)
+    print(f"Motor de entrenamiento: {plan.engine} (lote {plan.batch_size}, empaquetado "
+          f"{'sí' if plan.packing else 'no'}, checkpointing {'sí' if plan.gradient_checkpointing else 'no'})")
+    for reason in plan.reasons:
+        print(f"  {reason}")
+
     precision = resolved.get("precision") or "fp32"
+    if plan.engine == "compiled" and precision != "bf16":
+        precision = "bf16"  # the compiled engine trains on a bf16 base (it is only picked where bf16 exists)
     print("Cargando el modelo con el adaptador inicial ...", flush=True)
-    model, tokenizer = modeling.build(resolved, device, precision, adapter_dir=layout.initial_adapter)
+    model, tokenizer = modeling.build(resolved, device, precision, adapter_dir=layout.initial_adapter, plan=plan)
+    if plan.compile_layers:
+        engine.compile_layers_(model)
 
     from .training import finite_adapter, train
 
     started = time.perf_counter()
     metrics = train(model, tokenizer, prepared.train, layout=layout, settings=resolved, precision=precision,
-                    resume=args.resume, packing=resolved["packing"])
+                    resume=args.resume, packing=resolved["packing"],
+                    loss_impl=engine.LOSS_FOR_ENGINE[plan.engine], fixed_length=plan.compile_layers)
+    metrics["engine"] = plan.as_dict()
     if not finite_adapter(model):
         raise UserError("El adaptador entrenado contiene NaN o infinitos: no se guarda. Baja --learning-rate.")
     if not distributed.is_main_process():

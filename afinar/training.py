@@ -40,7 +40,7 @@ def build_dataset(entries: list[dict], tokenizer, max_seq_length: int, packing: 
     return Dataset.from_list(rows)
 
 
-def response_only_loss(model, inputs: dict, num_items_in_batch=None):
+def response_only_loss(model, inputs: dict, num_items_in_batch=None, chunked: bool = False):
     """Cross-entropy of the labelled (response) tokens, without logits for the prompt positions.
 
     Equal to the model's own loss (sum over labelled next tokens / their count, or / num_items_in_batch
@@ -55,23 +55,36 @@ def response_only_loss(model, inputs: dict, num_items_in_batch=None):
     hidden = causal_lm.model(**features).last_hidden_state
     targets = inputs["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()
-    total = F.cross_entropy(logits, targets[keep], reduction="sum")
+    if chunked:
+        from .chunked_loss import head_cross_entropy_sum
+
+        total = head_cross_entropy_sum(hidden[:, :-1][keep], causal_lm.lm_head.weight, targets[keep])
+    else:
+        logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()
+        total = F.cross_entropy(logits, targets[keep], reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
     return total / count
 
 
-def _make_trainer_class():
+LOSS_IMPLS = ("auto", "trl", "chunked")
+
+
+def _make_trainer_class(loss_impl: str = "auto"):
+    """loss_impl: "trl" = TRL's Triton fused LM head (GPU); "chunked" = afinar.chunked_loss (no TRL metrics,
+    no per-step host syncs); "auto" = TRL's on GPU, our response-only loss on CPU."""
     import torch
     from transformers import Trainer
     from trl import SFTTrainer
 
-    use_fused_head = triton_available()
+    use_fused_head = triton_available() and loss_impl in ("auto", "trl")
 
     class AfinarTrainer(SFTTrainer):
         """SFTTrainer that keeps our data order, counts real tokens and stops on a non-finite loss."""
 
         real_tokens = 0
+        # On a GPU, checking each loss on the host would stall the queue once per step: the check is
+        # accumulated on the device and read when the step is logged or saved (never after a bad save).
+        first_bad_step = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             self.real_tokens += int(inputs.pop("real_tokens"))
@@ -81,14 +94,26 @@ def _make_trainer_class():
                 # TRL 1.15 always routes through a Triton-only fused LM head, which crashes on CPU
                 # ('NoneType' object has no attribute 'apply'). We compute the same token-mean
                 # cross-entropy ourselves, projecting only the response positions through the LM head.
-                result = response_only_loss(model, inputs, num_items_in_batch)
+                result = response_only_loss(model, inputs, num_items_in_batch, chunked=loss_impl == "chunked")
             else:
                 # Wrapped (DDP) models must run their own forward so gradient hooks fire.
                 result = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             loss = result[0] if return_outputs else result
-            if not torch.isfinite(loss.detach()).all():
-                raise NonFiniteLoss(self.state.global_step + 1, float(loss.detach().float().mean()))
+            finite = torch.isfinite(loss.detach()).all()
+            if loss.device.type == "cpu":
+                if not finite:
+                    raise NonFiniteLoss(self.state.global_step + 1, float(loss.detach().float().mean()))
+            else:
+                step = torch.tensor(self.state.global_step + 1, device=loss.device)
+                if self.first_bad_step is None:
+                    self.first_bad_step = torch.zeros((), dtype=torch.long, device=loss.device)
+                bad_now = (~finite) & (self.first_bad_step == 0)
+                self.first_bad_step = torch.where(bad_now, step, self.first_bad_step)
             return result
+
+        def raise_if_nonfinite(self):
+            if self.first_bad_step is not None and int(self.first_bad_step) > 0:
+                raise NonFiniteLoss(int(self.first_bad_step), float("nan"))
 
     return AfinarTrainer
 
@@ -136,6 +161,7 @@ def _make_callbacks(layout: OutputLayout, save_minutes: float):
 
         def __init__(self):
             self.last = time.monotonic()
+            self.trainer = None
 
         def on_step_end(self, args, state, control, **kwargs):
             due = time.monotonic() - self.last >= save_minutes * 60
@@ -144,6 +170,10 @@ def _make_callbacks(layout: OutputLayout, save_minutes: float):
                 control.should_save = True
             if control.should_save:
                 self.last = time.monotonic()
+            # A GPU loss is checked lazily: before anything is logged or saved, and at the end.
+            if self.trainer is not None and (control.should_save or control.should_log
+                                             or state.global_step >= state.max_steps):
+                self.trainer.raise_if_nonfinite()
             return control
 
     return MetricsCallback(), TimedCheckpointCallback()
@@ -159,8 +189,12 @@ def last_checkpoint(layout: OutputLayout) -> Path | None:
 
 
 def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, settings: dict[str, Any],
-          precision: str, resume: bool = False, packing: bool = False) -> dict[str, Any]:
-    """Run SFT and return the metrics for run.json. The adapter itself is saved by the caller."""
+          precision: str, resume: bool = False, packing: bool = False, loss_impl: str = "auto",
+          fixed_length: bool = False) -> dict[str, Any]:
+    """Run SFT and return the metrics for run.json. The adapter itself is saved by the caller.
+
+    fixed_length pads every row to max_seq_length: compiled layers then see one shape and compile once.
+    """
     from trl import SFTConfig
 
     dataset = build_dataset(train_entries, tokenizer, settings["max_seq_length"], packing)
@@ -194,11 +228,13 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
         # Every LoRA matrix takes part in every forward: DDP need not search the graph for unused ones.
         ddp_find_unused_parameters=False,
     )
-    trainer_cls = _make_trainer_class()
+    trainer_cls = _make_trainer_class(loss_impl)
     metrics_cb, timed_cb = _make_callbacks(layout, settings["save_minutes"])
+    collator = Collator(tokenizer.pad_token_id, pad_to=settings["max_seq_length"] if fixed_length else None,
+                        rows=settings["batch_size"] if fixed_length else None)
     trainer = trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                          data_collator=Collator(tokenizer.pad_token_id), callbacks=[metrics_cb, timed_cb])
-    metrics_cb.trainer = trainer
+                          data_collator=collator, callbacks=[metrics_cb, timed_cb])
+    metrics_cb.trainer = timed_cb.trainer = trainer
 
     resume_from = None
     if resume:
@@ -210,6 +246,7 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
     started = time.perf_counter()
     try:
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        trainer.raise_if_nonfinite()
     except NonFiniteLoss as err:
         good = last_checkpoint(layout)
         kept = f"Se conserva el último checkpoint bueno: {good}." if good else "No había ningún checkpoint guardado."
@@ -232,7 +269,8 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
         "tokens_per_second": round(real_tokens / max(seconds, 1e-9), 1),
         "train_examples": len(dataset),
         "resumed_from": str(resume_from.relative_to(layout.root)) if resume_from else None,
-        "fused_lm_head": triton_available(),
+        "fused_lm_head": triton_available() and loss_impl in ("auto", "trl"),
+        "loss_impl": loss_impl,
     }
 
 

@@ -1,11 +1,16 @@
 """GPU training speed of our 03 training path, on the same data as the anchors of ../shared/gpu/anchor_bench.py.
 
-One configuration per process (Unsloth patches transformers globally). Prints one RESULT line:
-real (non-pad) tokens/s after warm-up steps and peak GiB, like the anchor script, so bench/run_gpu.sh can
-print them side by side with the anchors measured in the same call.
+One configuration per process (Unsloth patches transformers globally). It builds the model and trains through
+the functions 03_train_model.py calls (afinar.engine.plan, modeling.build, engine.compile_layers_,
+training.train) and prints one RESULT line: real (non-pad) tokens/s after warm-up steps and peak GiB, like
+the anchor script, so bench/run_gpu.sh can print them side by side with the anchors of the same call.
 
-    python bench/bench_gpu_train.py MODE   # MODE: unsloth | unsloth_pack | hf4_flex_pack | hf16_flex_pack
-Environment: MODEL_DIR (default /tmp/llama32_1b_shape), N_EX, BATCH, WARM, STEPS, OUT.
+    python bench/bench_gpu_train.py NAME
+Environment (all optional):
+  ENGINE auto|compiled|eager|unsloth   LOAD4 1|0 (4-bit base, the seed's setting)   PRECISION bf16|fp16
+  LOSS chunked|trl   COMPILE 1|0   PACK 1|0   DEQUANT 1|0   ATTN flex_attention|sdpa   BATCH (rows; default: the plan's)
+  MEM_GIB (plan as if the card had this much memory)   N_EX, WARM, STEPS, MODEL_DIR, OUT
+  CURVE=1 records the loss of every step; PROFILE=1 profiles step WARM+1 and prints a breakdown by kind.
 """
 
 from __future__ import annotations
@@ -18,55 +23,123 @@ import tempfile
 import time
 from pathlib import Path
 
-MODE = sys.argv[1]
-if MODE.startswith("unsloth"):
+NAME = sys.argv[1]
+ENGINE = os.environ.get("ENGINE", "auto")
+if ENGINE == "unsloth":
     import unsloth  # noqa: F401  (must precede transformers)
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from afinar import modeling, settings, training  # noqa: E402
-from afinar.environment import detect_device, precision_for  # noqa: E402
+from afinar import engine, modeling, settings, training  # noqa: E402
+from afinar.environment import detect_device  # noqa: E402
 from afinar.layout import OutputLayout  # noqa: E402
 
 MODEL_DIR = os.environ.get("MODEL_DIR", "/tmp/llama32_1b_shape")
-N_EX, BATCH, WARM = int(os.environ.get("N_EX", 1600)), int(os.environ.get("BATCH", 8)), int(os.environ.get("WARM", 5))
-STEPS = int(os.environ.get("STEPS", 40))
+N_EX, WARM, STEPS = int(os.environ.get("N_EX", 2400)), int(os.environ.get("WARM", 5)), int(os.environ.get("STEPS", 30))
 MAX_LEN = 2048
 
 
 def entries(tokenizer) -> list[dict]:
-    # The anchors' data: Alpaca-like lognormal lengths (median ~230 tokens) of random tokens.
+    # The anchors' data: Alpaca-like lognormal lengths (median ~230 tokens) of random tokens, same generator.
     rng = random.Random(0)
     lens = [max(24, min(MAX_LEN - 64, int(rng.lognormvariate(5.45, 0.7)))) for _ in range(N_EX)]
     return [{"instruction": "Responde.", "output": tokenizer.decode([rng.randrange(200, 49000) for _ in range(n)])}
             for n in lens]
 
 
+def categorize(name: str) -> str:
+    n = name.lower()
+    if "flex" in n or "attention" in n or "fmha" in n or "sdpa" in n:
+        return "atención"
+    if any(k in n for k in ("gemm", "cutlass", "sm90", "sm80", "cublas", "matmul", "_mm_", "nvjet", "splitk")):
+        return "matmul"
+    if any(k in n for k in ("logsumexp", "softmax", "gather", "scatter", "chunked", "logprob", "cross")):
+        return "pérdida / softmax"
+    if "adam" in n or "foreach" in n or "multi_tensor" in n:
+        return "optimizador"
+    if "triton" in n:
+        return "triton fusionado (compilado)"
+    if "memcpy" in n or "memset" in n or "copy" in n:
+        return "copias"
+    return "elementwise / reducciones"
+
+
+def profile_step(step_fn) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step_fn()
+        torch.cuda.synchronize()
+    shares: dict[str, float] = {}
+    top = []
+    for event in prof.key_averages():
+        t = getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
+        if t <= 0:
+            continue
+        shares[categorize(event.key)] = shares.get(categorize(event.key), 0.0) + t / 1000
+        top.append((t / 1000, event.count, event.key[:90]))
+    top.sort(reverse=True)
+    total = sum(shares.values())
+    for ms, count, key in top[:25]:
+        print(f"  {ms:9.1f} ms  x{count:<5d} {key}")
+    return {"gpu_ms": round(total, 1), "by_kind_ms": {k: round(v, 1) for k, v in sorted(shares.items(), key=lambda kv: -kv[1])}}
+
+
 def main() -> None:
     device = detect_device()
-    precision = precision_for(device)
+    memory = float(os.environ["MEM_GIB"]) if os.environ.get("MEM_GIB") else None
     resolved = {key: settings.default(key, "cuda") for key in settings.TRAIN_KEYS}
-    resolved.update(model=MODEL_DIR, base_path=MODEL_DIR, backend="unsloth" if MODE.startswith("unsloth") else "hf",
-                    load_in_4bit="16" not in MODE, lora_r=16, lora_alpha=16, lora_dropout=0.0, max_steps=STEPS,
-                    batch_size=BATCH, max_seq_length=MAX_LEN, save_steps=10**6, save_minutes=10**6,
-                    logging_steps=10**6, attn_implementation="flex_attention" if "flex" in MODE else None)
+    resolved.update(model=MODEL_DIR, base_path=MODEL_DIR, backend="unsloth" if ENGINE == "unsloth" else "hf",
+                    load_in_4bit=os.environ.get("LOAD4", "1") == "1", lora_r=16, lora_alpha=16, lora_dropout=0.0,
+                    max_steps=STEPS, max_seq_length=MAX_LEN, save_steps=10**6, save_minutes=10**6,
+                    logging_steps=10**6, warmup_ratio=0.0)
+    if os.environ.get("BATCH"):
+        resolved["batch_size"] = int(os.environ["BATCH"])
+    plan = engine.plan(resolved, device, ENGINE, memory_gib=memory)
+    if os.environ.get("COMPILE"):
+        plan.compile_layers = os.environ["COMPILE"] == "1"
+    if os.environ.get("ATTN"):
+        plan.attn_implementation = os.environ["ATTN"]
+    if os.environ.get("PACK"):
+        plan.packing = os.environ["PACK"] == "1"
+    if os.environ.get("DEQUANT"):
+        plan.dequantize_4bit = os.environ["DEQUANT"] == "1" and resolved["load_in_4bit"]
+    loss_impl = os.environ.get("LOSS", engine.LOSS_FOR_ENGINE[plan.engine])
+    resolved.update(batch_size=plan.batch_size, packing=plan.packing)
+    precision = os.environ.get("PRECISION", "bf16")
+
     t0 = time.time()
-    model, tokenizer = modeling.build(resolved, device, precision)
+    model, tokenizer = modeling.build(resolved, device, precision, plan=plan)
+    if plan.compile_layers:
+        engine.compile_layers_(model)
     load_s = time.time() - t0
     data = entries(tokenizer)
 
     stamps: list[tuple[float, int]] = []
+    losses: list[float] = []
+    profiled: dict = {}
     original_class = training._make_trainer_class
 
-    def timed_class():
-        base = original_class()
+    def timed_class(*args, **kwargs):
+        base = original_class(*args, **kwargs)
 
         class Timed(base):
-            def training_step(self, *args, **kwargs):
-                out = super().training_step(*args, **kwargs)
+            def training_step(self, *a, **k):
+                if os.environ.get("PROFILE") and len(stamps) == WARM and not profiled:
+                    out = None
+
+                    def run():
+                        nonlocal out
+                        out = base.training_step(self, *a, **k)
+
+                    profiled.update(profile_step(run))
+                else:
+                    out = super().training_step(*a, **k)
                 torch.cuda.synchronize()
                 stamps.append((time.time(), self.real_tokens))
+                if os.environ.get("CURVE"):
+                    losses.append(round(float(out), 5))
                 return out
 
         return Timed
@@ -75,14 +148,21 @@ def main() -> None:
     torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
         metrics = training.train(model, tokenizer, data, layout=OutputLayout.at(tmp), settings=resolved,
-                                 precision=precision, packing="pack" in MODE)
-    (t_a, n_a), (t_b, n_b) = stamps[WARM - 1], stamps[-1]
-    result = {"mode": "afinar_" + MODE, "steps": len(stamps), "tok_per_s": round((n_b - n_a) / (t_b - t_a)),
+                                 precision=precision, packing=plan.packing, loss_impl=loss_impl,
+                                 fixed_length=plan.compile_layers)
+    # The profiled step is slower (profiler overhead): time the steps after it.
+    first = WARM + (1 if profiled else 0)
+    (t_a, n_a), (t_b, n_b) = stamps[first - 1], stamps[-1]
+    result = {"mode": "afinar_" + NAME, "engine": plan.engine, "load_in_4bit": resolved["load_in_4bit"],
+              "dequantize_4bit": plan.dequantize_4bit, "compile": plan.compile_layers, "attn": plan.attn_implementation,
+              "loss_impl": loss_impl, "checkpointing": plan.gradient_checkpointing, "precision": precision,
+              "steps": len(stamps), "timed_steps": len(stamps) - first, "tok_per_s": round((n_b - n_a) / (t_b - t_a)),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "load_s": round(load_s, 1),
-              "batch": BATCH, "final_loss": metrics["final_loss"], "fused_lm_head": metrics["fused_lm_head"]}
+              "batch": plan.batch_size, "plan_memory_gib": memory or device.memory_gib,
+              "final_loss": metrics["final_loss"], "losses": losses, "profile": profiled}
     print("RESULT", json.dumps(result), flush=True)
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"afinar_{MODE}_b{BATCH}.json").write_text(json.dumps(result))
+        Path(os.environ["OUT"], f"afinar_{NAME}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -36,17 +36,22 @@ PY
   echo "gen bench rc=$?"; tail -8 "$OUT/gen_bench.log"
   ;;
 train)
+  # Each spec: "anchor MODE TIMEOUT [VAR=value ...]" (../shared/gpu/anchor_bench.py: BATCH GC ATTN N_EX WARM)
+  #        or: "ours NAME TIMEOUT [VAR=value ...]"   (bench/bench_gpu_train.py: ENGINE LOAD4 LOSS COMPILE ...)
   shift
   for spec in "$@"; do
     set -- $spec
-    kind=$1; mode=$2; batch=$3; tmo=$4
-    log="$OUT/${kind}_${mode}_b${batch}.log"
+    kind=$1; name=$2; tmo=$3; shift 3
+    log="$OUT/${kind}_${name}.log"
+    t0=$(date +%s)
     if [ "$kind" = anchor ]; then
-      ( cd .gpu && N_EX=${N_EX:-1200} BATCH=$batch GC=false WARM=4 ATTN=${5:-sdpa} timeout "$tmo" python3 anchor_bench.py "$mode" ) > "$log" 2>&1
+      ( cd .gpu && env N_EX=2400 WARM=4 GC=false "$@" timeout "$tmo" python3 anchor_bench.py "${name%%.*}" ) > "$log" 2>&1
     else
-      N_EX=${N_EX:-1200} BATCH=$batch WARM=4 STEPS=${STEPS:-30} timeout "$tmo" python3 bench/bench_gpu_train.py "$mode" > "$log" 2>&1
+      env "$@" timeout "$tmo" python3 bench/bench_gpu_train.py "$name" > "$log" 2>&1
     fi
-    echo "== $spec rc=$?"; grep -E "^RESULT|Error" "$log" | tail -2
+    rc=$?
+    echo "== $kind $name rc=$rc $(( $(date +%s) - t0 ))s"; grep -E "^RESULT" "$log" | cut -c1-400; [ $rc = 0 ] || tail -4 "$log"
   done
+  python3 bench/summarize_gpu.py "$OUT"
   ;;
 esac

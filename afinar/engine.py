@@ -1,0 +1,159 @@
+"""Which training engine runs stage 03, and the settings it picks from the card's memory and capability.
+
+Three engines train the same PEFT LoRA adapter (same keys, same file):
+- "unsloth": Unsloth's kernels. The path for small cards and for fp16-only cards such as the T4: its
+  offloaded gradient checkpointing keeps a 1B model far below 12 GiB.
+- "compiled": transformers + PEFT, a frozen bf16 base, order-preserving packing with flex attention
+  (sparse document masks) and every decoder layer compiled with torch.compile (fused element-wise work
+  around the matmuls). A 4-bit base is dequantized once into bf16: QLoRA dequantizes the same nf4 values
+  to bf16 on every forward, so the numbers are the same and only the repeated work goes away; it costs
+  ~2.5 GB for a 1B model, which cards with bf16 and >= 40 GiB have to spare.
+- "eager": transformers + PEFT without compiling (CPU, and any GPU when asked).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .environment import DeviceInfo
+from .errors import UserError
+
+ENGINES = ("auto", "unsloth", "compiled", "eager")
+# Loss through the LM head for each engine (afinar.training.LOSS_IMPLS); "auto" = TRL's fused head on GPU.
+LOSS_FOR_ENGINE = {"unsloth": "auto", "compiled": "chunked", "eager": "auto"}
+COMPILED_MIN_GIB = 40.0
+# Measured on an H200 without gradient checkpointing at Llama-3.2-1B shape (bench/bench_gpu_train.py):
+# activation memory per token of a training step, and what the weights, optimizer and loss chunks add.
+ACTIVATION_GIB_PER_TOKEN = 1.8 / 1024
+FIXED_GIB = 8.0
+ROW_TOKENS = 2048
+# A small dataset packs into few rows: keep at least this many optimizer steps per epoch rather than
+# filling the card (tu_dataset.json is ~30 rows of 2048 tokens: 16 rows a step would make 2 steps an epoch).
+MIN_STEPS_PER_EPOCH = 20
+
+
+@dataclass
+class Plan:
+    engine: str
+    backend: str
+    batch_size: int
+    packing: bool
+    gradient_checkpointing: bool
+    dequantize_4bit: bool = False
+    attn_implementation: str | None = None
+    compile_layers: bool = False
+    reasons: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _compiled_batch(memory_gib: float, max_seq_length: int) -> tuple[int, bool]:
+    """Rows per step that fit in ~80% of the card without checkpointing; checkpointing when fewer than 4 fit."""
+    row = max(max_seq_length, 1)
+    budget = max(memory_gib * 0.8 - FIXED_GIB, 0.0)
+    rows = int(budget / (row * ACTIVATION_GIB_PER_TOKEN))
+    if rows >= 4:
+        return min(rows, 16 * ROW_TOKENS // row), False
+    return 8, True
+
+
+def plan(settings: dict[str, Any], device: DeviceInfo, requested: str = "auto",
+         memory_gib: float | None = None, packed_rows: int | None = None) -> Plan:
+    """Pick the engine and fill in what the user left on automatic (batch_size / packing = None)."""
+    if requested not in ENGINES:
+        raise UserError(f"--engine {requested}: debe ser uno de {', '.join(ENGINES)}.")
+    memory = memory_gib if memory_gib is not None else (device.memory_gib or 0.0)
+    batch, packing = settings.get("batch_size"), settings.get("packing")
+    reasons: list[str] = []
+    if device.kind != "cuda":
+        if requested in ("unsloth", "compiled"):
+            raise UserError(f"--engine {requested} necesita una GPU con CUDA; en CPU se entrena con --engine eager.")
+        return Plan("eager", "hf", batch or 4, True if packing is None else packing, False,
+                    reasons=["CPU: transformers + PEFT sin compilar"])
+
+    engine = requested
+    if engine == "auto":
+        if device.bf16 and memory >= COMPILED_MIN_GIB:
+            engine = "compiled"
+            reasons.append(f"GPU con bf16 y {memory:.0f} GiB: motor compilado (el más rápido medido en la H200)")
+        elif settings.get("backend") == "unsloth":
+            engine = "unsloth"
+            reasons.append(f"GPU de {memory:.0f} GiB{'' if device.bf16 else ' sin bf16'}: Unsloth con "
+                           f"checkpointing de gradientes, la opción de menos memoria")
+        else:
+            engine = "eager"
+            reasons.append("transformers + PEFT sin compilar (la etapa 02 eligió --backend hf)")
+    if engine == "compiled" and not device.bf16:
+        raise UserError(f"--engine compiled necesita bf16 y la GPU {device.name} no lo tiene (p. ej. la T4): "
+                        f"usa --engine unsloth.")
+
+    if engine == "compiled":
+        auto_batch, checkpointing = _compiled_batch(memory, settings["max_seq_length"])
+        if batch is None:
+            reasons.append(f"lote automático: {auto_batch} filas de hasta {settings['max_seq_length']} tokens "
+                           f"caben en el 80 % de {memory:.0f} GiB" + (" con checkpointing" if checkpointing else ""))
+            if packed_rows and packed_rows // MIN_STEPS_PER_EPOCH < auto_batch:
+                auto_batch = max(1, packed_rows // MIN_STEPS_PER_EPOCH)
+                reasons.append(f"los datos caben en {packed_rows} filas: lote de {auto_batch} para dar al menos "
+                               f"{MIN_STEPS_PER_EPOCH} pasos por época")
+        return Plan("compiled", "hf", batch or auto_batch, True if packing is None else packing, checkpointing,
+                    dequantize_4bit=bool(settings.get("load_in_4bit")), attn_implementation="flex_attention",
+                    compile_layers=True, reasons=reasons)
+    # Unsloth and eager on a GPU: the seed's recipe, padded batches of 8, checkpointing below 24 GiB
+    # (a 16 GB card must stay under 12 GiB with rows of 2048 tokens).
+    checkpointing = memory < 24
+    if checkpointing:
+        reasons.append(f"{memory:.0f} GiB: checkpointing de gradientes activado para no pasar de 12 GiB")
+    return Plan(engine, "unsloth" if engine == "unsloth" else "hf", batch or 8, False if packing is None else packing,
+                checkpointing, reasons=reasons)
+
+
+def dequantize_4bit_(model) -> int:
+    """Replace every bitsandbytes 4-bit Linear by a bf16 nn.Linear holding the same dequantized values."""
+    import torch
+    from torch import nn
+
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is None:
+            continue
+        import bitsandbytes.functional as bnb_f
+
+        dense = bnb_f.dequantize_4bit(weight.data, state).to(torch.bfloat16)
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device=dense.device, dtype=torch.bfloat16)
+        linear.weight = nn.Parameter(dense, requires_grad=False)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.data.to(torch.bfloat16), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+        replaced += 1
+    if replaced:
+        # The model is no longer a 4-bit model: PEFT must not prepare it as one (no fp32 upcast of norms).
+        model.is_loaded_in_4bit = False
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        torch.cuda.empty_cache()
+    return replaced
+
+
+def decoder_layers(model):
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model.layers
+
+
+def compile_layers_(model) -> int:
+    """torch.compile each decoder layer in place: identical layers share one compiled graph."""
+    import torch
+
+    # Packed batches change the document layout every step; allow the few shape variants to compile once.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=False)
+    return len(layers)
