@@ -21,13 +21,14 @@ from .errors import UserError
 
 ENGINES = ("auto", "unsloth", "compiled", "eager")
 # Loss through the LM head for each engine (afinar.training.LOSS_IMPLS); "auto" = TRL's fused head on GPU.
-LOSS_FOR_ENGINE = {"unsloth": "auto", "compiled": "chunked", "eager": "auto"}
+LOSS_FOR_ENGINE = {"unsloth": "auto", "compiled": "auto", "eager": "auto"}
 COMPILED_MIN_GIB = 40.0
-# Measured on an H200 without gradient checkpointing at Llama-3.2-1B shape (bench/bench_gpu_train.py):
-# activation memory per token of a training step, and what the weights, optimizer and loss chunks add.
-ACTIVATION_GIB_PER_TOKEN = 1.8 / 1024
-FIXED_GIB = 8.0
-ROW_TOKENS = 2048
+# Measured on an H200 without gradient checkpointing at Llama-3.2-1B shape (bench/bench_gpu_train.py,
+# compiled engine: 9.45 GiB peak for 16 rows of 2048): activation memory per token of a training step
+# (rounded up), and what the weights, the optimizer and the loss tiles add.
+ACTIVATION_GIB_PER_TOKEN = 0.25 / 1024
+FIXED_GIB = 4.0
+MAX_TOKENS_PER_STEP = 32768  # more tokens per step did not pay off further (BENCHMARKS.md)
 # A small dataset packs into few rows: keep at least this many optimizer steps per epoch rather than
 # filling the card (tu_dataset.json is ~30 rows of 2048 tokens: 16 rows a step would make 2 steps an epoch).
 MIN_STEPS_PER_EPOCH = 20
@@ -43,6 +44,7 @@ class Plan:
     dequantize_4bit: bool = False
     attn_implementation: str | None = None
     compile_layers: bool = False
+    open_rows: int = 1  # afinar.packing.pack_in_order: rows an example may go back to fill
     reasons: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -55,7 +57,7 @@ def _compiled_batch(memory_gib: float, max_seq_length: int) -> tuple[int, bool]:
     budget = max(memory_gib * 0.8 - FIXED_GIB, 0.0)
     rows = int(budget / (row * ACTIVATION_GIB_PER_TOKEN))
     if rows >= 4:
-        return min(rows, 16 * ROW_TOKENS // row), False
+        return min(rows, max(MAX_TOKENS_PER_STEP // row, 1)), False
     return 8, True
 
 
@@ -100,7 +102,7 @@ def plan(settings: dict[str, Any], device: DeviceInfo, requested: str = "auto",
                                f"{MIN_STEPS_PER_EPOCH} pasos por época")
         return Plan("compiled", "hf", batch or auto_batch, True if packing is None else packing, checkpointing,
                     dequantize_4bit=bool(settings.get("load_in_4bit")), attn_implementation="flex_attention",
-                    compile_layers=True, reasons=reasons)
+                    compile_layers=True, open_rows=8, reasons=reasons)
     # Unsloth and eager on a GPU: the seed's recipe, padded batches of 8, checkpointing below 24 GiB
     # (a 16 GB card must stay under 12 GiB with rows of 2048 tokens).
     checkpointing = memory < 24
@@ -134,10 +136,17 @@ def dequantize_4bit_(model) -> int:
         replaced += 1
     if replaced:
         # The model is no longer a 4-bit model: PEFT must not prepare it as one (no fp32 upcast of norms).
-        model.is_loaded_in_4bit = False
-        model.hf_quantizer = None
+        # (what transformers' own remove_quantization_config does, plus the 4-bit flag PEFT reads).
+        for attr in ("hf_quantizer", "quantization_method"):
+            if hasattr(model, attr):
+                delattr(model, attr)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        model.is_quantized = False
+        model.is_loaded_in_4bit = False
+        for module in model.modules():
+            if getattr(getattr(module, "config", None), "_is_quantized", False):
+                module.config._is_quantized = False
         torch.cuda.empty_cache()
     return replaced
 

@@ -20,6 +20,9 @@ from .questions import question_text
 # and the cut itself shows up as ended_with_eos=False.
 DEFAULT_MAX_NEW_TOKENS = 200
 DEFAULT_BATCH_SIZE = 8
+# 1.0 = no penalty (plain greedy). Stage 02 records the value in run.json and stage 04 reuses it, so "antes" and
+# "después" are always generated with the same setting; the Ollama Modelfile's repeat_penalty matches it.
+DEFAULT_REPETITION_PENALTY = 1.0
 
 
 def generate_answers(
@@ -31,19 +34,23 @@ def generate_answers(
     batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
     do_sample: bool = False,
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Answer each question; one row per question, in the given order.
 
     Row: {"question", "text", "ended_with_eos", "new_tokens", "seconds"}. `new_tokens` counts the generated
     tokens including the final EOS; `seconds` is the row's share of its batch's wall time (a batch is timed as
-    a whole), so the rows add up to the total. Greedy unless do_sample. Batches are left-padded; a batch that
+    a whole), so the rows add up to the total. Greedy unless do_sample; `repetition_penalty` (1.0 = none) is
+    transformers' CTRL-style penalty, which divides a positive logit (multiplies a negative one) of every token
+    already in the sequence, prompt included. Batches are left-padded; a batch that
     runs out of GPU memory is answered one question at a time and later batches are halved.
     """
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens debe ser al menos 1 (se pidió {max_new_tokens}).")
     if batch_size < 1:
         raise UserError(f"El tamaño de lote de generación debe ser al menos 1 (se pidió {batch_size}).")
+    check_repetition_penalty(repetition_penalty)
     log = log or _stderr_log
     texts = [question_text(q) for q in questions]
     if not texts:
@@ -52,7 +59,7 @@ def generate_answers(
     prompts = [chat_prompt_ids(tokenizer, question_messages(text)) for text in texts]
     # Similar lengths share a batch, so little compute goes to padding; rows are put back in order at the end.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    options = _generate_options(model, tokenizer, max_new_tokens, do_sample)
+    options = _generate_options(model, tokenizer, max_new_tokens, do_sample, repetition_penalty)
     _seed_everything(seed)
 
     results: dict[int, dict[str, Any]] = {}
@@ -79,6 +86,11 @@ def generate_answers(
             print(f"  generación: {start}/{len(order)} respuestas, {elapsed:.0f} s"
                   + (f", quedan ~{left:.0f} s" if start < len(order) else ""), flush=True)
     return [results[i] for i in range(len(texts))]
+
+
+def check_repetition_penalty(value: float) -> None:
+    if not value > 0:
+        raise UserError(f"repetition_penalty debe ser mayor que 0 (se pidió {value}); 1.0 es sin penalización.")
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
@@ -132,6 +144,7 @@ def chat(
     tokenizer,
     *,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
     input_fn: Callable[[str], str] = input,
     output: TextIO = sys.stdout,
 ) -> list[dict[str, str]]:
@@ -174,8 +187,8 @@ def chat(
             input_ids = torch.tensor([prompt], device=device)
             generated = model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                do_sample=False, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
-                streamer=_Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+                do_sample=False, repetition_penalty=float(repetition_penalty), eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id, streamer=_Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
             )
             reply_ids, _ = split_generated(generated[0, len(prompt):].tolist(), stop_ids, tokenizer.pad_token_id)
             history.append({"role": "assistant", "content": decode(tokenizer, reply_ids)})
@@ -205,11 +218,13 @@ def _answer_chunk(model, tokenizer, prompts: list[list[int]], options: dict[str,
     return rows
 
 
-def _generate_options(model, tokenizer, max_new_tokens: int, do_sample: bool) -> dict[str, Any]:
+def _generate_options(model, tokenizer, max_new_tokens: int, do_sample: bool,
+                      repetition_penalty: float = DEFAULT_REPETITION_PENALTY) -> dict[str, Any]:
     options: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "do_sample": do_sample,
         "num_beams": 1,
+        "repetition_penalty": float(repetition_penalty),
         "eos_token_id": stop_token_ids(model, tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
     }

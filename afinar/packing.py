@@ -13,20 +13,28 @@ from dataclasses import dataclass
 from .prompts import IGNORE_INDEX
 
 
-def pack_in_order(rows: list[dict], max_seq_length: int) -> list[dict]:
+def pack_in_order(rows: list[dict], max_seq_length: int, open_rows: int = 1) -> list[dict]:
+    """Pack consecutive examples into rows of at most max_seq_length tokens.
+
+    open_rows=1: each example goes into the current row or starts the next one (strict order). With
+    open_rows=K, an example may also fill the gap left in one of the K most recent rows (first fit), so an
+    example moves at most K rows earlier: the long/short mix survives at the scale of K rows, and rows are
+    ~97% full instead of ~88% on Alpaca-like lengths (bench/bench_gpu_train.py data).
+    """
     packed: list[dict] = []
-    current = {"input_ids": [], "labels": [], "position_ids": []}
+    open_: list[dict] = []
     for row in rows:
         n = len(row["input_ids"])
-        if current["input_ids"] and len(current["input_ids"]) + n > max_seq_length:
-            packed.append(current)
-            current = {"input_ids": [], "labels": [], "position_ids": []}
-        current["input_ids"] += row["input_ids"]
-        current["labels"] += row["labels"]
-        current["position_ids"] += list(range(n))
-    if current["input_ids"]:
-        packed.append(current)
-    return packed
+        target = next((r for r in open_ if len(r["input_ids"]) + n <= max_seq_length), None)
+        if target is None:
+            target = {"input_ids": [], "labels": [], "position_ids": []}
+            open_.append(target)
+            if len(open_) > open_rows:
+                packed.append(open_.pop(0))
+        target["input_ids"] += row["input_ids"]
+        target["labels"] += row["labels"]
+        target["position_ids"] += list(range(n))
+    return packed + open_
 
 
 @dataclass

@@ -49,6 +49,12 @@ def default(name: str, device_kind: str) -> Any:
     return gpu if device_kind == "cuda" else cpu
 
 
+def lora_alpha_for(lora_r: int, device_kind: str) -> int:
+    """The default alpha for a given rank: the same alpha/r ratio as the defaults (so --lora-r 32 keeps it)."""
+    ratio = default("lora_alpha", device_kind) / default("lora_r", device_kind)
+    return max(1, round(lora_r * ratio))
+
+
 def why(name: str) -> str:
     return DEFAULTS[name][2]
 

@@ -60,9 +60,12 @@ def run_contrast(args, layout: OutputLayout, run_manifest: dict, model, tokenize
     gen = run_manifest.get("generation", {})
     # The same settings as the 'before' answers of stage 02, or the comparison would not be fair.
     max_new_tokens = gen.get("max_new_tokens", 200)
+    # A run.json written before the setting existed was generated without a penalty: keep it at 1.0.
+    repetition_penalty = gen.get("repetition_penalty", 1.0)
     print(f"Respondiendo {len(questions)} preguntas de contraste con el modelo afinado (después) ...", flush=True)
     after = generate_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens,
-                             batch_size=gen.get("batch_size", 8), seed=run_manifest["settings"]["seed"])
+                             batch_size=gen.get("batch_size", 8), seed=run_manifest["settings"]["seed"],
+                             repetition_penalty=repetition_penalty)
     atomic.write_jsonl(layout.answers_after, after)
     before = _read_jsonl(layout.answers_before)
 
@@ -109,7 +112,10 @@ def run(args) -> dict[str, Any]:
     if args.chat:
         from .generation import chat
 
-        chat(model, tokenizer, max_new_tokens=args.max_new_tokens or 300)
+        from .generation import DEFAULT_REPETITION_PENALTY
+
+        penalty = run_manifest.get("generation", {}).get("repetition_penalty", DEFAULT_REPETITION_PENALTY)
+        chat(model, tokenizer, max_new_tokens=args.max_new_tokens or 300, repetition_penalty=penalty)
         return {"layout": layout}
 
     started = time.perf_counter()

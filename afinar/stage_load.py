@@ -43,6 +43,10 @@ def run(args) -> dict[str, Any]:
     load_in_4bit = device.kind == "cuda" if args.load_in_4bit is None else args.load_in_4bit
 
     precision = precision_for(device, args.precision)
+    from .generation import DEFAULT_REPETITION_PENALTY, check_repetition_penalty
+
+    repetition_penalty = float(getattr(args, "repetition_penalty", None) or DEFAULT_REPETITION_PENALTY)
+    check_repetition_penalty(repetition_penalty)
     questions = _load_questions(args.questions)
     print(f"Dispositivo: {device.kind} ({device.name}); backend: {backend}; modelo: {model_name}", flush=True)
     display_name, base_path = modeling.resolve_model(model_name)  # before touching the output dir
@@ -51,7 +55,9 @@ def run(args) -> dict[str, Any]:
     resolved = {key: settings.default(key, device.kind) for key in settings.TRAIN_KEYS}
     resolved.update({
         "model": display_name, "base_path": base_path, "backend": backend, "load_in_4bit": load_in_4bit,
-        "lora_r": args.lora_r, "lora_alpha": args.lora_alpha if args.lora_alpha is not None else args.lora_r,
+        "lora_r": args.lora_r,
+        "lora_alpha": (args.lora_alpha if args.lora_alpha is not None
+                       else settings.lora_alpha_for(args.lora_r, device.kind)),
         "lora_dropout": args.lora_dropout, "precision": precision,
     })
     if args.max_seq_length:
@@ -67,7 +73,8 @@ def run(args) -> dict[str, Any]:
         "device": device.as_dict(),
         "versions": library_versions(),
         "questions_file": str(Path(args.questions).resolve()),
-        "generation": {"max_new_tokens": args.max_new_tokens, "do_sample": False, "batch_size": args.gen_batch_size},
+        "generation": {"max_new_tokens": args.max_new_tokens, "do_sample": False, "batch_size": args.gen_batch_size,
+                       "repetition_penalty": repetition_penalty},
         "stages": {},
     }
     manifest.write(layout, run_manifest)
@@ -83,7 +90,8 @@ def run(args) -> dict[str, Any]:
 
     with model.disable_adapter():
         rows = generate_answers(model, tokenizer, questions, max_new_tokens=args.max_new_tokens,
-                                batch_size=args.gen_batch_size, seed=resolved["seed"])
+                                batch_size=args.gen_batch_size, seed=resolved["seed"],
+                                repetition_penalty=repetition_penalty)
     atomic.write_jsonl(layout.answers_before, rows)
 
     manifest.record_stage(

@@ -31,16 +31,16 @@ def triton_available() -> bool:
     return torch.cuda.is_available()
 
 
-def build_dataset(entries: list[dict], tokenizer, max_seq_length: int, packing: bool):
+def build_dataset(entries: list[dict], tokenizer, max_seq_length: int, packing: bool, open_rows: int = 1):
     from datasets import Dataset
 
     rows = [tokenize_example(tokenizer, entry, max_seq_length) for entry in entries]
     if packing:
-        rows = pack_in_order(rows, max_seq_length)
+        rows = pack_in_order(rows, max_seq_length, open_rows)
     return Dataset.from_list(rows)
 
 
-def response_only_loss(model, inputs: dict, num_items_in_batch=None, chunked: bool = False):
+def response_only_loss(model, inputs: dict, num_items_in_batch=None):
     """Cross-entropy of the labelled (response) tokens, without logits for the prompt positions.
 
     Equal to the model's own loss (sum over labelled next tokens / their count, or / num_items_in_batch
@@ -55,23 +55,18 @@ def response_only_loss(model, inputs: dict, num_items_in_batch=None, chunked: bo
     hidden = causal_lm.model(**features).last_hidden_state
     targets = inputs["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    if chunked:
-        from .chunked_loss import head_cross_entropy_sum
-
-        total = head_cross_entropy_sum(hidden[:, :-1][keep], causal_lm.lm_head.weight, targets[keep])
-    else:
-        logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()
-        total = F.cross_entropy(logits, targets[keep], reduction="sum")
+    logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()
+    total = F.cross_entropy(logits, targets[keep], reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
     return total / count
 
 
-LOSS_IMPLS = ("auto", "trl", "chunked")
+LOSS_IMPLS = ("auto", "trl", "response_only")
 
 
 def _make_trainer_class(loss_impl: str = "auto"):
-    """loss_impl: "trl" = TRL's Triton fused LM head (GPU); "chunked" = afinar.chunked_loss (no TRL metrics,
-    no per-step host syncs); "auto" = TRL's on GPU, our response-only loss on CPU."""
+    """loss_impl: "auto"/"trl" = TRL's Triton fused LM head on GPU (our response-only loss on CPU, where TRL's
+    crashes); "response_only" = ours everywhere (full logits of the response positions)."""
     import torch
     from transformers import Trainer
     from trl import SFTTrainer
@@ -94,7 +89,7 @@ def _make_trainer_class(loss_impl: str = "auto"):
                 # TRL 1.15 always routes through a Triton-only fused LM head, which crashes on CPU
                 # ('NoneType' object has no attribute 'apply'). We compute the same token-mean
                 # cross-entropy ourselves, projecting only the response positions through the LM head.
-                result = response_only_loss(model, inputs, num_items_in_batch, chunked=loss_impl == "chunked")
+                result = response_only_loss(model, inputs, num_items_in_batch)
             else:
                 # Wrapped (DDP) models must run their own forward so gradient hooks fire.
                 result = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
@@ -190,14 +185,14 @@ def last_checkpoint(layout: OutputLayout) -> Path | None:
 
 def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, settings: dict[str, Any],
           precision: str, resume: bool = False, packing: bool = False, loss_impl: str = "auto",
-          fixed_length: bool = False) -> dict[str, Any]:
+          fixed_length: bool = False, open_rows: int = 1) -> dict[str, Any]:
     """Run SFT and return the metrics for run.json. The adapter itself is saved by the caller.
 
     fixed_length pads every row to max_seq_length: compiled layers then see one shape and compile once.
     """
     from trl import SFTConfig
 
-    dataset = build_dataset(train_entries, tokenizer, settings["max_seq_length"], packing)
+    dataset = build_dataset(train_entries, tokenizer, settings["max_seq_length"], packing, open_rows)
     max_steps = settings.get("max_steps") or -1
     config = SFTConfig(
         output_dir=str(layout.checkpoints),

@@ -8,7 +8,7 @@ the anchor script, so bench/run_gpu.sh can print them side by side with the anch
     python bench/bench_gpu_train.py NAME
 Environment (all optional):
   ENGINE auto|compiled|eager|unsloth   LOAD4 1|0 (4-bit base, the seed's setting)   PRECISION bf16|fp16
-  LOSS chunked|trl   COMPILE 1|0   PACK 1|0   DEQUANT 1|0   ATTN flex_attention|sdpa   BATCH (rows; default: the plan's)
+  LOSS trl|response_only   COMPILE 1|0   PACK 1|0   DEQUANT 1|0   OPEN_ROWS n   ATTN flex_attention|sdpa   BATCH (rows; default: the plan's)
   MEM_GIB (plan as if the card had this much memory)   N_EX, WARM, STEPS, MODEL_DIR, OUT
   CURVE=1 records the loss of every step; PROFILE=1 profiles step WARM+1 and prints a breakdown by kind.
 """
@@ -103,6 +103,8 @@ def main() -> None:
         plan.attn_implementation = os.environ["ATTN"]
     if os.environ.get("PACK"):
         plan.packing = os.environ["PACK"] == "1"
+    if os.environ.get("OPEN_ROWS"):
+        plan.open_rows = int(os.environ["OPEN_ROWS"])
     if os.environ.get("DEQUANT"):
         plan.dequantize_4bit = os.environ["DEQUANT"] == "1" and resolved["load_in_4bit"]
     loss_impl = os.environ.get("LOSS", engine.LOSS_FOR_ENGINE[plan.engine])
@@ -149,13 +151,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         metrics = training.train(model, tokenizer, data, layout=OutputLayout.at(tmp), settings=resolved,
                                  precision=precision, packing=plan.packing, loss_impl=loss_impl,
-                                 fixed_length=plan.compile_layers)
+                                 fixed_length=plan.compile_layers, open_rows=plan.open_rows)
     # The profiled step is slower (profiler overhead): time the steps after it.
     first = WARM + (1 if profiled else 0)
     (t_a, n_a), (t_b, n_b) = stamps[first - 1], stamps[-1]
     result = {"mode": "afinar_" + NAME, "engine": plan.engine, "load_in_4bit": resolved["load_in_4bit"],
               "dequantize_4bit": plan.dequantize_4bit, "compile": plan.compile_layers, "attn": plan.attn_implementation,
-              "loss_impl": loss_impl, "checkpointing": plan.gradient_checkpointing, "precision": precision,
+              "loss_impl": loss_impl, "open_rows": plan.open_rows, "checkpointing": plan.gradient_checkpointing, "precision": precision,
               "steps": len(stamps), "timed_steps": len(stamps) - first, "tok_per_s": round((n_b - n_a) / (t_b - t_a)),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "load_s": round(load_s, 1),
               "batch": plan.batch_size, "plan_memory_gib": memory or device.memory_gib,

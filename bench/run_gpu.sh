@@ -1,9 +1,10 @@
 #!/bin/bash
 # On the GPU machine, from the repo root (.whl and .gpu carried). Usage: bash bench/run_gpu.sh PART
 #   pipeline  02 -> 04 through Unsloth in 4-bit on a Llama-3.2-1B-shaped random model (+ generation bench)
-#   train     anchors and our training path, side by side, same data; prints a table
+#   train     anchors and our training path, one after the other, same data; prints a table
+#   pair      the same on a 2-GPU machine: anchors on GPU 0 and ours on GPU 1 at the same time
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
+[ -n "${SKIP_SETUP:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
 [ -d /tmp/llama32_1b_shape ] || python3 .gpu/anchor_bench.py make > "$OUT/make.log" 2>&1 || { tail "$OUT/make.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -35,6 +36,20 @@ PY
   [ -n "${SKIP_GEN:-}" ] || timeout 240 python3 bench/bench_generation.py --model /tmp/llama32_1b_shape --device cuda > "$OUT/gen_bench.log" 2>&1
   echo "gen bench rc=$?"; tail -8 "$OUT/gen_bench.log"
   ;;
+pair)
+  # Two lanes at once on a 2-GPU machine: anchors on GPU 0, ours on GPU 1 (separate cards, same call).
+  # Usage: bench/run_gpu.sh pair "SPEC" ... -- "SPEC" ...
+  shift; lane0=(); lane1=(); side=0
+  for spec in "$@"; do
+    if [ "$spec" = -- ]; then side=1; continue; fi
+    if [ $side = 0 ]; then lane0+=("$spec"); else lane1+=("$spec"); fi
+  done
+  CUDA_VISIBLE_DEVICES=0 NO_SUMMARY=1 SKIP_SETUP=1 bash "$0" train "${lane0[@]}" > "$OUT/lane0.txt" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 NO_SUMMARY=1 SKIP_SETUP=1 bash "$0" train "${lane1[@]}" > "$OUT/lane1.txt" 2>&1 &
+  wait
+  grep -h "^==\|^RESULT\|Error" "$OUT/lane0.txt" "$OUT/lane1.txt" | cut -c1-300
+  python3 bench/summarize_gpu.py "$OUT"
+  ;;
 train)
   # Each spec: "anchor MODE TIMEOUT [VAR=value ...]" (../shared/gpu/anchor_bench.py: BATCH GC ATTN N_EX WARM)
   #        or: "ours NAME TIMEOUT [VAR=value ...]"   (bench/bench_gpu_train.py: ENGINE LOAD4 LOSS COMPILE ...)
@@ -52,6 +67,6 @@ train)
     rc=$?
     echo "== $kind $name rc=$rc $(( $(date +%s) - t0 ))s"; grep -E "^RESULT" "$log" | cut -c1-400; [ $rc = 0 ] || tail -4 "$log"
   done
-  python3 bench/summarize_gpu.py "$OUT"
+  [ -n "${NO_SUMMARY:-}" ] || python3 bench/summarize_gpu.py "$OUT"
   ;;
 esac
