@@ -4,6 +4,8 @@
 #   train     anchors and our training path, one after the other, same data; prints a table
 #   pair      the same on a 2-GPU machine: anchors on GPU 0 and ours on GPU 1 at the same time
 set -u
+# Results and logs go to RES; only latest.json and one archive come back in $OUT (few files travel back).
+RES=${RES:-/tmp/benchres}; mkdir -p "$RES"
 [ -n "${SKIP_SETUP:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
 [ -d /tmp/llama32_1b_shape ] || python3 .gpu/anchor_bench.py make > "$OUT/make.log" 2>&1 || { tail "$OUT/make.log"; exit 1; }
@@ -44,11 +46,12 @@ pair)
     if [ "$spec" = -- ]; then side=1; continue; fi
     if [ $side = 0 ]; then lane0+=("$spec"); else lane1+=("$spec"); fi
   done
-  CUDA_VISIBLE_DEVICES=0 NO_SUMMARY=1 SKIP_SETUP=1 bash "$0" train "${lane0[@]}" > "$OUT/lane0.txt" 2>&1 &
-  CUDA_VISIBLE_DEVICES=1 NO_SUMMARY=1 SKIP_SETUP=1 bash "$0" train "${lane1[@]}" > "$OUT/lane1.txt" 2>&1 &
+  CUDA_VISIBLE_DEVICES=0 NO_SUMMARY=1 SKIP_SETUP=1 bash "$0" train "${lane0[@]}" > "$RES/lane0.txt" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 NO_SUMMARY=1 SKIP_SETUP=1 bash "$0" train "${lane1[@]}" > "$RES/lane1.txt" 2>&1 &
   wait
-  grep -h "^==\|^RESULT\|Error" "$OUT/lane0.txt" "$OUT/lane1.txt" | cut -c1-300
-  python3 bench/summarize_gpu.py "$OUT"
+  grep -h "^==\|^RESULT\|Error" "$RES/lane0.txt" "$RES/lane1.txt" | cut -c1-300
+  python3 bench/summarize_gpu.py "$RES" && cp "$RES/latest.json" "$OUT/latest.json"
+  tar czf "$OUT/bench_logs.tgz" -C "$RES" .
   ;;
 train)
   # Each spec: "anchor MODE TIMEOUT [VAR=value ...]" (../shared/gpu/anchor_bench.py: BATCH GC ATTN N_EX WARM)
@@ -57,16 +60,19 @@ train)
   for spec in "$@"; do
     set -- $spec
     kind=$1; name=$2; tmo=$3; shift 3
-    log="$OUT/${kind}_${name}.log"
+    log="$RES/${kind}_${name}.log"
     t0=$(date +%s)
     if [ "$kind" = anchor ]; then
-      ( cd .gpu && env N_EX=2400 WARM=4 GC=false "$@" timeout "$tmo" python3 anchor_bench.py "${name%%.*}" ) > "$log" 2>&1
+      ( cd .gpu && env OUT="$RES" N_EX=2400 WARM=4 GC=false "$@" timeout "$tmo" python3 anchor_bench.py "${name%%.*}" ) > "$log" 2>&1
     else
-      env "$@" timeout "$tmo" python3 bench/bench_gpu_train.py "$name" > "$log" 2>&1
+      env OUT="$RES" "$@" timeout "$tmo" python3 bench/bench_gpu_train.py "$name" > "$log" 2>&1
     fi
     rc=$?
     echo "== $kind $name rc=$rc $(( $(date +%s) - t0 ))s"; grep -E "^RESULT" "$log" | cut -c1-400; [ $rc = 0 ] || tail -4 "$log"
   done
-  [ -n "${NO_SUMMARY:-}" ] || python3 bench/summarize_gpu.py "$OUT"
+  if [ -z "${NO_SUMMARY:-}" ]; then
+    python3 bench/summarize_gpu.py "$RES" && cp "$RES/latest.json" "$OUT/latest.json"
+    tar czf "$OUT/bench_logs.tgz" -C "$RES" .
+  fi
   ;;
 esac
