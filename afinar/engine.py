@@ -21,7 +21,7 @@ from .errors import UserError
 
 ENGINES = ("auto", "unsloth", "compiled", "eager")
 # Loss through the LM head for each engine (afinar.training.LOSS_IMPLS); "auto" = TRL's fused head on GPU.
-LOSS_FOR_ENGINE = {"unsloth": "auto", "compiled": "fused_lean", "eager": "auto"}
+LOSS_FOR_ENGINE = {"unsloth": "auto", "compiled": "auto", "eager": "auto"}
 COMPILED_MIN_GIB = 40.0
 # Measured on an H200 without gradient checkpointing at Llama-3.2-1B shape (bench/bench_gpu_train.py,
 # compiled engine: 9.45 GiB peak for 16 rows of 2048): activation memory per token of a training step

@@ -40,7 +40,7 @@ def build_dataset(entries: list[dict], tokenizer, max_seq_length: int, packing: 
     return Dataset.from_list(rows)
 
 
-def response_only_loss(model, inputs: dict, num_items_in_batch=None, fused: bool = False):
+def response_only_loss(model, inputs: dict, num_items_in_batch=None):
     """Cross-entropy of the labelled (response) tokens, without logits for the prompt positions.
 
     Equal to the model's own loss (sum over labelled next tokens / their count, or / num_items_in_batch
@@ -55,28 +55,18 @@ def response_only_loss(model, inputs: dict, num_items_in_batch=None, fused: bool
     hidden = causal_lm.model(**features).last_hidden_state
     targets = inputs["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    if fused:
-        # TRL's tiled log-prob kernel (Triton), asked for the log-probabilities only: TRL's own trainer path
-        # also computes entropy and top-1 for its metrics and reads them on the host every step.
-        from trl.kernels import ChunkedLogProbFunction
-
-        log_probs = ChunkedLogProbFunction.apply(hidden[:, :-1][keep], causal_lm.lm_head.weight, None, targets[keep],
-                                                 1.0, 32768, None, 1.0, ("log_probs",))[0]
-        total = -log_probs.sum()
-    else:
-        logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()
-        total = F.cross_entropy(logits, targets[keep], reduction="sum")
+    logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()
+    total = F.cross_entropy(logits, targets[keep], reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
     return total / count
 
 
-LOSS_IMPLS = ("auto", "trl", "response_only", "fused_lean")
+LOSS_IMPLS = ("auto", "trl", "response_only")
 
 
 def _make_trainer_class(loss_impl: str = "auto"):
     """loss_impl: "auto"/"trl" = TRL's Triton fused LM head on GPU (our response-only loss on CPU, where TRL's
-    crashes); "response_only" = ours everywhere (full logits of the response positions); "fused_lean" = ours
-    through TRL's kernel, log-probabilities only, no per-step host reads (GPU)."""
+    crashes); "response_only" = ours everywhere (full logits of the response positions)."""
     import torch
     from transformers import Trainer
     from trl import SFTTrainer
@@ -99,7 +89,7 @@ def _make_trainer_class(loss_impl: str = "auto"):
                 # TRL 1.15 always routes through a Triton-only fused LM head, which crashes on CPU
                 # ('NoneType' object has no attribute 'apply'). We compute the same token-mean
                 # cross-entropy ourselves, projecting only the response positions through the LM head.
-                result = response_only_loss(model, inputs, num_items_in_batch, fused=loss_impl == "fused_lean")
+                result = response_only_loss(model, inputs, num_items_in_batch)
             else:
                 # Wrapped (DDP) models must run their own forward so gradient hooks fire.
                 result = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
