@@ -10,6 +10,7 @@ card), afinar_curve_ref / afinar_curve_ours (first 50 losses of the reference pa
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -51,6 +52,14 @@ def curve_comparison(ref: dict, ours: dict) -> dict | None:
             "reference_first_last": [a[0], a[n - 1]], "ours_first_last": [b[0], b[n - 1]]}
 
 
+def gpu_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    except FileNotFoundError:
+        return "?"
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "?"
+
+
 def main() -> None:
     folder = Path(sys.argv[1])
     anchors, ours = load(folder)
@@ -69,10 +78,10 @@ def main() -> None:
     # (not the reference or the 16 GB simulation).
     candidates = [o for name, o in ours.items() if not name.startswith(("curve_ref", "card16")) and o["engine"] != "eager"]
     best_ours = max(candidates, key=lambda o: o["tok_per_s"], default=None)
-    nvsmi = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
     latest = {
-        "device": nvsmi.stdout.strip().splitlines()[0] if nvsmi.returncode == 0 and nvsmi.stdout.strip() else "?",
-        "date": time.strftime("%Y-%m-%d"),
+        # Re-summarized away from the GPU (from files that came back), BENCH_DEVICE / BENCH_DATE say where and when.
+        "device": os.environ.get("BENCH_DEVICE") or gpu_name(),
+        "date": os.environ.get("BENCH_DATE") or time.strftime("%Y-%m-%d"),
         "project_tok_s": default["tok_per_s"] if default else None,
         "best_anchor_tok_s": best4["tok_per_s"] if best4 else None,
         "best_anchor": label(best4) if best4 else None,
