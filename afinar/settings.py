@@ -34,7 +34,7 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
     "logging_steps": (5, 5, "una línea de registro cada 5 pasos"),
     "packing": (None, True, "empaquetar en orden evita calcular relleno (un tercio de los tokens de un lote que mezcla "
                 "ensayos y respuestas cortas); en GPU, automático: sí con el motor compilado, no con Unsloth"),
-    "engine": ("auto", "auto", "auto: en GPU con bf16 y 40 GiB o más, transformers + PEFT compilado con atención flex "
+    "engine": ("auto", "auto", "auto: en GPU con bf16 y 35 GiB o más, transformers + PEFT compilado con atención flex "
                "(el más rápido medido); en GPU más pequeñas o sin bf16 (T4), Unsloth; en CPU, eager"),
 }
 

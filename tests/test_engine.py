@@ -1,0 +1,167 @@
+"""Stage 03's engine choice per card, the packing that fills rows, and the compiled path against eager."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from afinar import engine
+from afinar.environment import DeviceInfo
+from afinar.errors import UserError
+from afinar.packing import Collator, pack_in_order
+from afinar.prompts import IGNORE_INDEX
+
+CPU = DeviceInfo(kind="cpu", name="x86", bf16=False, memory_gib=None, capability=None, colab=False)
+T4 = DeviceInfo(kind="cuda", name="Tesla T4", bf16=False, memory_gib=14.7, capability="7.5", colab=True)
+L4 = DeviceInfo(kind="cuda", name="NVIDIA L4", bf16=True, memory_gib=22.0, capability="8.9", colab=True)
+A100_40 = DeviceInfo(kind="cuda", name="A100-SXM4-40GB", bf16=True, memory_gib=39.5, capability="8.0", colab=False)
+A100_80 = DeviceInfo(kind="cuda", name="A100-SXM4-80GB", bf16=True, memory_gib=79.1, capability="8.0", colab=False)
+H200 = DeviceInfo(kind="cuda", name="NVIDIA H200", bf16=True, memory_gib=139.8, capability="9.0", colab=False)
+
+
+def gpu_settings(**extra):
+    # What stage 02 records on a GPU: batch size and packing left on automatic.
+    return {"backend": "unsloth", "load_in_4bit": True, "max_seq_length": 2048, "batch_size": None,
+            "packing": None, **extra}
+
+
+def test_cpu_trains_eager_with_the_cpu_defaults():
+    plan = engine.plan({"backend": "hf", "max_seq_length": 640, "batch_size": 4, "packing": True}, CPU)
+    assert (plan.engine, plan.backend, plan.batch_size, plan.packing, plan.compile_layers) == ("eager", "hf", 4, True, False)
+
+
+@pytest.mark.parametrize("requested", ["compiled", "unsloth"])
+def test_gpu_engines_are_refused_on_cpu_with_a_message(requested):
+    with pytest.raises(UserError, match="--engine"):
+        engine.plan({"backend": "hf", "max_seq_length": 640, "batch_size": 4, "packing": True}, CPU, requested)
+
+
+def test_a_16gb_t4_keeps_unsloth_with_checkpointing_and_no_bf16_engine():
+    plan = engine.plan(gpu_settings(), T4)
+    assert plan.engine == "unsloth" and plan.gradient_checkpointing and plan.batch_size == 8
+    assert not plan.packing and not plan.compile_layers
+    with pytest.raises(UserError, match="bf16"):
+        engine.plan(gpu_settings(), T4, "compiled")
+
+
+def test_cards_below_40_gib_keep_unsloth():
+    assert engine.plan(gpu_settings(), L4).engine == "unsloth"
+    assert engine.plan(gpu_settings(), L4).gradient_checkpointing  # 22 GiB: below 24, checkpointing stays on
+    rtx32 = DeviceInfo(kind="cuda", name="RTX 5090", bf16=True, memory_gib=31.4, capability="12.0", colab=False)
+    assert engine.plan(gpu_settings(), rtx32).engine == "unsloth"
+    assert not engine.plan(gpu_settings(), rtx32).gradient_checkpointing
+
+
+@pytest.mark.parametrize("device", [A100_40, A100_80, H200])
+def test_large_bf16_cards_get_the_compiled_engine_with_a_dequantized_base(device):
+    plan = engine.plan(gpu_settings(), device)
+    assert plan.engine == "compiled" and plan.backend == "hf" and plan.compile_layers
+    assert plan.dequantize_4bit and plan.attn_implementation == "flex_attention" and plan.packing
+    assert plan.open_rows > 1 and not plan.gradient_checkpointing
+    assert plan.batch_size * 2048 <= engine.MAX_TOKENS_PER_STEP
+    # The estimate behind the batch stays inside the card, with the measured per-token activations.
+    estimate = engine.FIXED_GIB + plan.batch_size * 2048 * engine.ACTIVATION_GIB_PER_TOKEN
+    assert estimate <= device.memory_gib * 0.8
+    assert not engine.plan(gpu_settings(load_in_4bit=False), device).dequantize_4bit
+
+
+def test_small_datasets_keep_enough_steps_and_user_choices_win():
+    small = engine.plan(gpu_settings(), H200, packed_rows=30)  # tu_dataset.json at 2048 tokens a row
+    assert small.batch_size == 1
+    assert any("pasos por época" in reason for reason in small.reasons)
+    assert engine.plan(gpu_settings(batch_size=6, packing=False), H200).batch_size == 6
+    assert engine.plan(gpu_settings(batch_size=6, packing=False), H200).packing is False
+
+
+def test_engine_flag_rejects_unknown_values():
+    with pytest.raises(UserError, match="--engine"):
+        engine.plan(gpu_settings(), H200, "turbo")
+
+
+# ------------------------------------------------------------------------------------------------- packing
+
+
+def _rows(lengths):
+    # Each example's tokens carry its index, so the packed rows say where every example went.
+    return [{"input_ids": [i] * n, "labels": [i] * n} for i, n in enumerate(lengths)]
+
+
+def test_one_open_row_is_strict_order():
+    lengths = [300, 900, 50, 700, 1200, 40, 400]
+    packed = pack_in_order(_rows(lengths), 1024, open_rows=1)
+    flat = [t for row in packed for t in dict.fromkeys(row["input_ids"])]
+    assert flat == list(range(len(lengths)))
+
+
+def test_open_rows_fill_rows_and_move_examples_at_most_k_rows_back():
+    rng = random.Random(0)
+    lengths = [max(24, min(1984, int(rng.lognormvariate(5.9, 0.7)))) for _ in range(1500)]
+    strict = pack_in_order(_rows(lengths), 2048, open_rows=1)
+    filled = pack_in_order(_rows(lengths), 2048, open_rows=8)
+    fill = lambda rows: sum(lengths) / (len(rows) * 2048)  # noqa: E731
+    assert fill(filled) > fill(strict) + 0.05, (fill(strict), fill(filled))
+    row_of = {}
+    for r, row in enumerate(filled):
+        assert len(row["input_ids"]) <= 2048
+        assert row["position_ids"][0] == 0
+        for i in dict.fromkeys(row["input_ids"]):
+            row_of[i] = r
+    assert sorted(row_of) == list(range(len(lengths))), "every example packed exactly once"
+    highest = -1
+    for i in range(len(lengths)):
+        assert row_of[i] >= highest - 8, f"example {i} moved more than 8 rows back"
+        highest = max(highest, row_of[i])
+
+
+def test_collator_fixed_shape_pads_rows_and_length_without_labels():
+    batch = Collator(pad_token_id=0, pad_to=16, rows=4)([
+        {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7], "position_ids": [0, 1, 2]},
+        {"input_ids": [8, 9], "labels": [8, 9], "position_ids": [0, 1]},
+    ])
+    assert batch["input_ids"].shape == (4, 16) and batch["position_ids"].shape == (4, 16)
+    assert int(batch["real_tokens"]) == 5
+    assert (batch["labels"][2:] == IGNORE_INDEX).all() and (batch["labels"][0, 3:] == IGNORE_INDEX).all()
+
+
+# ------------------------------------------------------------------------------ compiled layers vs eager
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_the_same_losses_as_eager(tmp_path, embedded_path):
+    """The compiled engine's pieces (torch.compile per layer, fixed-shape rows, filled packing) on CPU:
+    the same data and seed give the same loss at every step as the eager path."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from afinar import modeling, training
+    from afinar.layout import OutputLayout
+    from afinar.prompts import ensure_pad_token
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_path)
+    ensure_pad_token(tokenizer)
+    entries = json.loads(open("tu_dataset.json", encoding="utf-8").read())[:40]
+    settings = {"max_seq_length": 512, "learning_rate": 1e-3, "epochs": 1, "max_steps": 4, "batch_size": 3,
+                "grad_accum": 1, "seed": 0, "warmup_ratio": 0.0, "save_steps": 10**6, "save_minutes": 10**6,
+                "logging_steps": 1}
+
+    def run(compiled: bool) -> tuple[list[float], float]:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+        model = modeling.add_lora(LlamaForCausalLM(config), backend="hf", lora_r=8, lora_alpha=8, lora_dropout=0.0,
+                                  seed=0)
+        if compiled:
+            engine.compile_layers_(model)
+        layout = OutputLayout.at(tmp_path / ("compiled" if compiled else "eager"))
+        training.train(model, tokenizer, entries, layout=layout, settings=settings, precision="fp32", packing=True,
+                       fixed_length=compiled, open_rows=8)
+        trained = sum(float(p.abs().sum()) for n, p in model.named_parameters() if "lora_B" in n)
+        return [json.loads(line)["loss"] for line in layout.metrics.read_text().splitlines()], trained
+
+    (eager, eager_b), (compiled, compiled_b) = run(False), run(True)
+    assert len(eager) == len(compiled) == 4
+    assert compiled == pytest.approx(eager, rel=1e-3, abs=1e-3), (eager, compiled)
+    # LoRA B starts at zero: both paths moved it, by the same amount.
+    assert eager_b > 0 and compiled_b == pytest.approx(eager_b, rel=1e-2)
