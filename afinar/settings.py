@@ -59,15 +59,20 @@ def why(name: str) -> str:
     return DEFAULTS[name][2]
 
 
-def _shown(value: Any) -> str:
+AUTOMATIC_WHEN_NONE = ("batch_size", "packing")  # None = chosen by afinar.engine from the card
+
+
+def _shown(value: Any, name: str = "") -> str:
     if isinstance(value, bool):
         return "sí" if value else "no"
-    return "automático" if value is None else str(value)
+    if value is None:
+        return "automático" if name in AUTOMATIC_WHEN_NONE else "ninguno"
+    return str(value)
 
 
 def help_text(name: str, text: str) -> str:
     gpu, cpu, reason = DEFAULTS[name]
-    shown = _shown(gpu) if gpu == cpu else f"GPU {_shown(gpu)}, CPU {_shown(cpu)}"
+    shown = _shown(gpu, name) if gpu == cpu else f"GPU {_shown(gpu, name)}, CPU {_shown(cpu, name)}"
     return f"{text} (por defecto: {shown}; {reason})"
 
 
