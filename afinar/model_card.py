@@ -14,6 +14,7 @@ from typing import Any
 
 from . import atomic
 from .embedded import EMBEDDED_ALIAS, ORIGINAL_HUB_ID
+from .generation import DEFAULT_REPETITION_PENALTY
 from .prompts import SYSTEM_PROMPT
 
 KINDS = ("merged", "adapter", "gguf")
@@ -286,7 +287,8 @@ def _chat_snippet(load_lines: str) -> str:
         "entrada = tokenizer.apply_chat_template(\n"
         '    mensajes, add_generation_prompt=True, return_tensors="pt", return_dict=True\n'
         ")\n"
-        "salida = modelo.generate(**entrada, max_new_tokens=256, do_sample=False, repetition_penalty=1.1)\n"
+        f"salida = modelo.generate(**entrada, max_new_tokens=256, do_sample=False, "
+        f"repetition_penalty={DEFAULT_REPETITION_PENALTY:g})\n"
         'respuesta = salida[0][entrada["input_ids"].shape[1]:]\n'
         "print(tokenizer.decode(respuesta, skip_special_tokens=True))\n"
         "```"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from . import atomic
 from .errors import UserError
+from .generation import DEFAULT_REPETITION_PENALTY
 from .prompts import SYSTEM_PROMPT
 
 # Ollama renders these with Go's text/template, one turn at a time, and cuts the text after
@@ -31,9 +32,10 @@ FAMILIES = {
 }
 
 # Low temperature: a small model drifts off topic quickly, and an academic answer wants precision more
-# than variety. The mild repeat penalty stops the loops small models fall into on long answers.
+# than variety. The mild repeat penalty stops the loops small models fall into on long answers; it is the
+# one the contrast test generates with, so Ollama answers like the report says.
 TEMPERATURE = 0.3
-REPEAT_PENALTY = 1.1
+REPEAT_PENALTY = DEFAULT_REPETITION_PENALTY
 NUM_CTX = 2048
 
 

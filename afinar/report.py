@@ -112,10 +112,30 @@ _METHOD_NOTE_MD = (
 
 
 def method_note(contrast: dict[str, Any]) -> str:
-    """How each metric is measured (plain text), naming the held-out set when the stage recorded it."""
+    """How each metric is measured (plain text), naming the held-out set and the generation settings when the
+    stage recorded them."""
     source = contrast.get("perplexity_source")
     where = f" ({source})" if source else ""
-    return _METHOD_NOTE_MD.replace("que el entrenamiento no vio.", f"que el entrenamiento no vio{where}.")
+    note = _METHOD_NOTE_MD.replace("que el entrenamiento no vio.", f"que el entrenamiento no vio{where}.")
+    generation = contrast.get("generation")
+    if generation:
+        note = note.rstrip("\n") + " " + generation_note(generation) + "\n"
+    return note
+
+
+def generation_note(generation: dict[str, Any]) -> str:
+    """The decoding settings of both sides, in Spanish: the same for 'antes' and 'después'."""
+    decoding = "muestreo" if generation.get("do_sample") else "decodificación voraz (greedy)"
+    parts = [f"Respuestas de antes y de después con los mismos ajustes: {decoding}"]
+    if generation.get("max_new_tokens"):
+        parts.append(f"como mucho {generation['max_new_tokens']} tokens nuevos")
+    penalty = generation.get("repetition_penalty", 1.0)
+    if penalty and float(penalty) != 1.0:
+        parts.append(f"repetition_penalty {penalty:g} (la penalización suave de Ollama por defecto; rebaja los "
+                     f"tokens ya escritos, no prohíbe repetir frases)")
+    else:
+        parts.append("sin penalización de repetición")
+    return ", ".join(parts) + "."
 
 
 def _md_cell(text: str) -> str:

@@ -81,6 +81,8 @@ def run_contrast(args, layout: OutputLayout, run_manifest: dict, model, tokenize
         ppl_after = perplexity(model, tokenizer, entries, max_seq_length=max_len, batch_size=4)
     contrast = build_contrast(questions, before, after, ppl_before, ppl_after)
     contrast["perplexity_source"] = source
+    contrast["generation"] = {"do_sample": False, "max_new_tokens": max_new_tokens,
+                              "repetition_penalty": repetition_penalty}
     write_reports(layout, contrast)
     return contrast
 

@@ -136,3 +136,36 @@ def test_chat_streams_tokens_and_keeps_history(model_and_tokenizer):
     for reply in (history[2]["content"], history[4]["content"]):
         assert reply and " ".join(reply.split()) in " ".join(shown.split())
     assert shown.count("Modelo: ") == 2 and shown.rstrip().endswith("Fin del chat.")
+
+
+def test_repetition_penalty_reaches_generate_and_is_validated(model_and_tokenizer, monkeypatch):
+    from afinar.errors import UserError
+    from afinar.generation import DEFAULT_REPETITION_PENALTY
+
+    model, tokenizer = model_and_tokenizer
+    real_generate = model.generate
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("repetition_penalty"))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    generate_answers(model, tokenizer, QUESTIONS[:2], max_new_tokens=2, batch_size=2, seed=0)
+    generate_answers(model, tokenizer, QUESTIONS[:2], max_new_tokens=2, batch_size=2, seed=0,
+                     repetition_penalty=1.25)
+    assert seen == [DEFAULT_REPETITION_PENALTY, 1.25]
+    with pytest.raises(UserError, match="repetition_penalty"):
+        generate_answers(model, tokenizer, QUESTIONS[:1], max_new_tokens=2, repetition_penalty=0)
+
+
+@pytest.mark.slow
+def test_batched_matches_sequential_with_repetition_penalty(model_and_tokenizer):
+    # The left padding is part of each row's input_ids, so it is "penalised" too; the pad token is never a
+    # greedy choice, so batching must still give the very same tokens as one question at a time.
+    model, tokenizer = model_and_tokenizer
+    batched = generate_answers(model, tokenizer, QUESTIONS, max_new_tokens=20, batch_size=4, seed=0,
+                               repetition_penalty=1.1)
+    sequential = generate_answers(model, tokenizer, QUESTIONS, max_new_tokens=20, batch_size=1, seed=0,
+                                  repetition_penalty=1.1)
+    assert [(r["text"], r["ended_with_eos"]) for r in batched] == [(r["text"], r["ended_with_eos"]) for r in sequential]

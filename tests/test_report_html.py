@@ -154,3 +154,18 @@ def test_chromium_renders_table_and_side_by_side_answers(written, tmp_path):
     top = (pixels[:400, :, :3] * 255).round().astype(int).reshape(-1, 3)
     assert (np.abs(top - [0xE8, 0xF6, 0xEC]).sum(axis=1) <= 3).sum() > 10_000
 
+
+
+def test_reports_state_the_generation_settings_of_both_sides(tmp_path):
+    from afinar.report import markdown_report
+
+    contrast = build_contrast(QUESTIONS, rows(BEFORE), rows(AFTER), 21.37, 12.04)
+    assert "repetition_penalty" not in markdown_report(contrast), "nothing recorded, nothing claimed"
+    contrast["generation"] = {"do_sample": False, "max_new_tokens": 200, "repetition_penalty": 1.1}
+    layout = OutputLayout.at(tmp_path)
+    write_reports(layout, contrast)
+    for path in (layout.contrast_md, layout.contrast_html):
+        text = path.read_text(encoding="utf-8")
+        assert "antes y de después con los mismos ajustes" in text and "penalty 1.1" in text  # md escapes "_"
+    contrast["generation"]["repetition_penalty"] = 1.0
+    assert "sin penalización de repetición" in markdown_report(contrast)

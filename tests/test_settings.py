@@ -1,0 +1,34 @@
+"""Defaults per device and the rules that derive one setting from another."""
+
+import importlib.util
+
+from afinar import settings
+from afinar.generation import DEFAULT_REPETITION_PENALTY
+from afinar.modelfile import REPEAT_PENALTY
+from conftest import ROOT
+
+
+def _parse_02(argv):
+    spec = importlib.util.spec_from_file_location("script_02", ROOT / "02_load_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.parse_args(argv)
+
+
+def test_lora_alpha_keeps_the_default_ratio_for_any_rank():
+    for kind in ("cpu", "cuda"):
+        ratio = settings.default("lora_alpha", kind) / settings.default("lora_r", kind)
+        for rank in (8, 16, 32, 64):
+            assert settings.lora_alpha_for(rank, kind) == round(rank * ratio)
+        assert settings.lora_alpha_for(settings.default("lora_r", kind), kind) == settings.default("lora_alpha", kind)
+
+
+def test_02_rank_flag_default_matches_the_documented_default():
+    # 02 declares --lora-r with a literal default; the help text quotes settings.DEFAULTS, so they must agree.
+    args = _parse_02([])
+    assert args.lora_r == settings.default("lora_r", "cpu") == settings.default("lora_r", "cuda")
+    assert args.lora_alpha is None, "without --lora-alpha, stage 02 derives it with settings.lora_alpha_for"
+
+
+def test_contrast_and_ollama_use_the_same_repetition_penalty():
+    assert REPEAT_PENALTY == DEFAULT_REPETITION_PENALTY
