@@ -22,8 +22,9 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
     "lora_dropout": (0.0, 0.0, "0: con pocas épocas no hace falta regularizar y Unsloth lo acelera"),
     "max_seq_length": (2048, 640, "2048 en GPU cubre ensayos largos; 640 en CPU cubre el ensayo más largo de "
                        "tu_dataset.json (599 tokens con la plantilla) sin pagar filas de 2048"),
-    "learning_rate": (2e-4, 2e-3, "2e-4 es lo habitual en QLoRA; en CPU, con 70 pasos, el modelo de 135M necesita más: "
-                      "2e-3 dio perplejidad 14,6 frente a 16,5 con 1e-3, todas las respuestas con EOS y menos bucles"),
+    "learning_rate": (2e-4, 2e-3, "2e-4 es lo habitual en QLoRA; en CPU, con ~100 pasos, el modelo de 135M necesita más: "
+                      "2e-3 dio perplejidad 14,6 frente a 16,5 con 1e-3 (2 épocas, alpha = r), todas las respuestas "
+                      "con EOS y menos bucles"),
     "epochs": (3.0, 3.0, "3 pasadas por ~200 entradas fijan el estilo sin memorizarlo; en CPU, 3 (105 pasos, "
                "~12 minutos con 2 núcleos) en lugar de 2: la perplejidad apartada queda en 0,33 veces la del modelo "
                "base (0,35 con 2) y las respuestas con bucles bajan de 6 a 3 de 10 sin tocar la generación"),
