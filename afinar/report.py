@@ -131,8 +131,8 @@ def generation_note(generation: dict[str, Any]) -> str:
         parts.append(f"como mucho {generation['max_new_tokens']} tokens nuevos")
     penalty = generation.get("repetition_penalty", 1.0)
     if penalty and float(penalty) != 1.0:
-        parts.append(f"repetition_penalty {penalty:g} (la penalización suave de Ollama por defecto; rebaja los "
-                     f"tokens ya escritos, no prohíbe repetir frases)")
+        parts.append(f"repetition_penalty {penalty:g} (penalización suave, como la de Ollama, que usa 1.1 por "
+                     f"defecto: rebaja los tokens ya presentes, prompt incluido, y no prohíbe repetir frases)")
     else:
         parts.append("sin penalización de repetición")
     return ", ".join(parts) + "."
