@@ -38,6 +38,10 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=200,
                    help="tokens máximos por respuesta (por defecto: 200, de sobra para un párrafo; el corte delata "
                         "a un modelo que no sabe parar)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="penalización de repetición de la generación, la misma antes (02) y después (04) "
+                        "(por defecto: 1.15; con 1.0 el modelo de 135M repite frases en bucle con greedy; "
+                        "1.15 las quitó en las 10 preguntas de contraste, ver BENCHMARKS.md)")
     p.add_argument("--gen-batch-size", type=int, default=8,
                    help="preguntas generadas a la vez, con relleno a la izquierda (por defecto: 8)")
     p.add_argument("--overwrite", action="store_true",

@@ -93,7 +93,7 @@ def generate_answers(
 
 def check_repetition_penalty(value: float) -> None:
     if not value > 0:
-        raise UserError(f"repetition_penalty debe ser mayor que 0 (se pidió {value}); 1.0 es sin penalización.")
+        raise UserError(f"--repetition-penalty debe ser mayor que 0 (se pidió {value}); 1.0 es sin penalización.")
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:

@@ -45,7 +45,8 @@ def run(args) -> dict[str, Any]:
     precision = precision_for(device, args.precision)
     from .generation import DEFAULT_REPETITION_PENALTY, check_repetition_penalty
 
-    repetition_penalty = float(getattr(args, "repetition_penalty", None) or DEFAULT_REPETITION_PENALTY)
+    requested = getattr(args, "repetition_penalty", None)
+    repetition_penalty = float(DEFAULT_REPETITION_PENALTY if requested is None else requested)
     check_repetition_penalty(repetition_penalty)
     questions = _load_questions(args.questions)
     print(f"Dispositivo: {device.kind} ({device.name}); backend: {backend}; modelo: {model_name}", flush=True)

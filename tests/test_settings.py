@@ -32,3 +32,14 @@ def test_02_rank_flag_default_matches_the_documented_default():
 
 def test_contrast_and_ollama_use_the_same_repetition_penalty():
     assert REPEAT_PENALTY == DEFAULT_REPETITION_PENALTY
+
+
+def test_repetition_penalty_flag_is_checked_before_anything_is_written(tmp_path):
+    from conftest import run_script
+
+    target = tmp_path / "salida"
+    proc = run_script("02_load_model.py", "--repetition-penalty", "0", "--output-dir", str(target), check=False)
+    assert proc.returncode == 2
+    assert "--repetition-penalty" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    assert not target.exists()
+    assert _parse_02(["--repetition-penalty", "1.0"]).repetition_penalty == 1.0
