@@ -159,7 +159,7 @@ def test_repetition_penalty_reaches_generate_and_is_validated(model_and_tokenize
     generate_answers(model, tokenizer, QUESTIONS[:2], max_new_tokens=2, batch_size=2, seed=0,
                      repetition_penalty=1.25)
     assert seen == [DEFAULT_REPETITION_PENALTY, 1.25]
-    with pytest.raises(UserError, match="repetition_penalty"):
+    with pytest.raises(UserError, match="repetition-penalty"):
         generate_answers(model, tokenizer, QUESTIONS[:1], max_new_tokens=2, repetition_penalty=0)
 
 
