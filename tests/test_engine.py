@@ -133,6 +133,7 @@ def test_compiled_layers_train_the_same_losses_as_eager(tmp_path, embedded_path)
     """The compiled engine's pieces (torch.compile per layer, fixed-shape rows, filled packing) on CPU:
     the same data and seed give the same loss at every step as the eager path."""
     import torch
+    from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from afinar import modeling, training
@@ -158,9 +159,14 @@ def test_compiled_layers_train_the_same_losses_as_eager(tmp_path, embedded_path)
         training.train(model, tokenizer, entries, layout=layout, settings=settings, precision="fp32", packing=True,
                        fixed_length=compiled, open_rows=8)
         trained = sum(float(p.abs().sum()) for n, p in model.named_parameters() if "lora_B" in n)
+        # The adapter file of a compiled model must carry the plain PEFT keys that 04 and the Hub expect.
+        modeling.save_adapter(model, tokenizer, layout.adapter, "prueba")
+        keys.append(set(load_file(str(layout.adapter / "adapter_model.safetensors"))))
         return [json.loads(line)["loss"] for line in layout.metrics.read_text().splitlines()], trained
 
+    keys: list[set] = []
     (eager, eager_b), (compiled, compiled_b) = run(False), run(True)
+    assert keys[0] == keys[1] and all("_orig_mod" not in k for k in keys[1])
     assert len(eager) == len(compiled) == 4
     assert compiled == pytest.approx(eager, rel=1e-3, abs=1e-3), (eager, compiled)
     # LoRA B starts at zero: both paths moved it, by the same amount.
