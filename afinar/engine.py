@@ -20,8 +20,6 @@ from .environment import DeviceInfo
 from .errors import UserError
 
 ENGINES = ("auto", "unsloth", "compiled", "eager")
-# Loss through the LM head for each engine (afinar.training.LOSS_IMPLS); "auto" = TRL's fused head on GPU.
-LOSS_FOR_ENGINE = {"unsloth": "auto", "compiled": "auto", "eager": "auto"}
 COMPILED_MIN_GIB = 35.0  # A100-40GB reports ~39.5 GiB
 # Measured on an H200 without gradient checkpointing at Llama-3.2-1B shape (bench/bench_gpu_train.py,
 # compiled engine: 9.45 GiB peak for 16 rows of 2048): activation memory per token of a training step

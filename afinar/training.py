@@ -61,17 +61,21 @@ def response_only_loss(model, inputs: dict, num_items_in_batch=None):
     return total / count
 
 
-LOSS_IMPLS = ("auto", "trl", "response_only")
+LOSS_IMPLS = ("auto", "response_only")
+
+
+def uses_fused_head(loss_impl: str) -> bool:
+    """loss_impl "auto" = TRL's Triton fused LM head where Triton runs (GPU), our response-only loss on CPU,
+    where TRL's crashes; "response_only" = ours everywhere (full logits of the response positions)."""
+    return loss_impl == "auto" and triton_available()
 
 
 def _make_trainer_class(loss_impl: str = "auto"):
-    """loss_impl: "auto"/"trl" = TRL's Triton fused LM head on GPU (our response-only loss on CPU, where TRL's
-    crashes); "response_only" = ours everywhere (full logits of the response positions)."""
     import torch
     from transformers import Trainer
     from trl import SFTTrainer
 
-    use_fused_head = triton_available() and loss_impl in ("auto", "trl")
+    use_fused_head = uses_fused_head(loss_impl)
 
     class AfinarTrainer(SFTTrainer):
         """SFTTrainer that keeps our data order, counts real tokens and stops on a non-finite loss."""
@@ -99,11 +103,11 @@ def _make_trainer_class(loss_impl: str = "auto"):
                 if not finite:
                     raise NonFiniteLoss(self.state.global_step + 1, float(loss.detach().float().mean()))
             else:
-                step = torch.tensor(self.state.global_step + 1, device=loss.device)
                 if self.first_bad_step is None:
                     self.first_bad_step = torch.zeros((), dtype=torch.long, device=loss.device)
+                # The step goes in as a Python scalar: a tensor built from it would be a host-to-device copy.
                 bad_now = (~finite) & (self.first_bad_step == 0)
-                self.first_bad_step = torch.where(bad_now, step, self.first_bad_step)
+                self.first_bad_step = torch.where(bad_now, self.state.global_step + 1, self.first_bad_step)
             return result
 
         def raise_if_nonfinite(self):
@@ -264,7 +268,7 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
         "tokens_per_second": round(real_tokens / max(seconds, 1e-9), 1),
         "train_examples": len(dataset),
         "resumed_from": str(resume_from.relative_to(layout.root)) if resume_from else None,
-        "fused_lm_head": triton_available() and loss_impl in ("auto", "trl"),
+        "fused_lm_head": uses_fused_head(loss_impl),
         "loss_impl": loss_impl,
     }
 

@@ -8,7 +8,7 @@ the anchor script, so bench/run_gpu.sh can print them side by side with the anch
     python bench/bench_gpu_train.py NAME
 Environment (all optional):
   ENGINE auto|compiled|eager|unsloth   LOAD4 1|0 (4-bit base, the seed's setting)   PRECISION bf16|fp16
-  LOSS trl|response_only   COMPILE 1|0   PACK 1|0   DEQUANT 1|0   OPEN_ROWS n   ATTN flex_attention|sdpa   BATCH (rows; default: the plan's)
+  LOSS auto|response_only   COMPILE 1|0   PACK 1|0   DEQUANT 1|0   OPEN_ROWS n   ATTN flex_attention|sdpa   BATCH (rows; default: the plan's)
   MEM_GIB (plan as if the card had this much memory)   N_EX, WARM, STEPS, MODEL_DIR, OUT
   CURVE=1 records the loss of every step; PROFILE=1 profiles step WARM+1 and prints a breakdown by kind.
 """
@@ -107,7 +107,9 @@ def main() -> None:
         plan.open_rows = int(os.environ["OPEN_ROWS"])
     if os.environ.get("DEQUANT"):
         plan.dequantize_4bit = os.environ["DEQUANT"] == "1" and resolved["load_in_4bit"]
-    loss_impl = os.environ.get("LOSS", engine.LOSS_FOR_ENGINE[plan.engine])
+    loss_impl = os.environ.get("LOSS", "auto")
+    if loss_impl not in training.LOSS_IMPLS:
+        sys.exit(f"LOSS={loss_impl}: must be one of {training.LOSS_IMPLS} (LOSS=trl of earlier runs is now auto)")
     resolved.update(batch_size=plan.batch_size, packing=plan.packing)
     precision = os.environ.get("PRECISION", "bf16")
 

@@ -35,15 +35,18 @@ def model_and_tokenizer():
     return model, tokenizer
 
 
+def _batched_and_sequential(model, tokenizer, repetition_penalty: float):
+    """The same 20-token greedy answers, 4 questions at a time and one at a time."""
+    return [generate_answers(model, tokenizer, QUESTIONS, max_new_tokens=20, batch_size=size, seed=0,
+                             repetition_penalty=repetition_penalty) for size in (4, 1)]
+
+
 @pytest.mark.slow
 def test_batched_generation_matches_sequential(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     # Plain greedy (no repetition penalty): the penalty also lowers the end-of-turn token, which is in the prompt,
     # and the base model would then run past 20 tokens on the chromosome answer too.
-    batched = generate_answers(model, tokenizer, QUESTIONS, max_new_tokens=20, batch_size=4, seed=0,
-                               repetition_penalty=1.0)
-    sequential = generate_answers(model, tokenizer, QUESTIONS, max_new_tokens=20, batch_size=1, seed=0,
-                                  repetition_penalty=1.0)
+    batched, sequential = _batched_and_sequential(model, tokenizer, repetition_penalty=1.0)
 
     assert [row["question"] for row in batched] == [QUESTIONS[0]["pregunta"], *QUESTIONS[1:]]
     for row in batched:
@@ -168,8 +171,5 @@ def test_batched_matches_sequential_with_repetition_penalty(model_and_tokenizer)
     # The left padding is part of each row's input_ids, so it is "penalised" too; the pad token is never a
     # greedy choice, so batching must still give the very same tokens as one question at a time.
     model, tokenizer = model_and_tokenizer
-    batched = generate_answers(model, tokenizer, QUESTIONS, max_new_tokens=20, batch_size=4, seed=0,
-                               repetition_penalty=1.1)
-    sequential = generate_answers(model, tokenizer, QUESTIONS, max_new_tokens=20, batch_size=1, seed=0,
-                                  repetition_penalty=1.1)
+    batched, sequential = _batched_and_sequential(model, tokenizer, repetition_penalty=1.1)
     assert [(r["text"], r["ended_with_eos"]) for r in batched] == [(r["text"], r["ended_with_eos"]) for r in sequential]
