@@ -114,8 +114,8 @@ def run_project(steps: int, warmup: int, precision_flag: str = "auto") -> dict:
     clock = StepClock()
     original = training._make_trainer_class
 
-    def counting_class():
-        base = original()
+    def counting_class(*args, **kwargs):
+        base = original(*args, **kwargs)
 
         class Counting(base):
             def training_step(self, model, inputs, *args, **kwargs):
