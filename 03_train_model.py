@@ -41,6 +41,8 @@ def parse_args(argv=None):
                                                       "su atención"))
     p.add_argument("--engine", choices=["auto", "unsloth", "compiled", "eager"], default=None,
                    help=settings.help_text("engine", "motor de entrenamiento"))
+    p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
+                   help=settings.help_text("fp8", "multiplicar la base congelada en FP8 (e4m3)"))
     p.add_argument("--resume", action="store_true", help="reanudar desde el último checkpoint (por defecto: no)")
     p.add_argument("--overwrite", action="store_true",
                    help="entrenar de nuevo aunque ya exista un adaptador (por defecto: no, para no perder el que hay)")

@@ -9,6 +9,9 @@ Three engines train the same PEFT LoRA adapter (same keys, same file):
   to bf16 on every forward, so the numbers are the same and only the repeated work goes away; it costs
   ~2.5 GB for a 1B model, which cards with bf16 and >= 35 GiB have to spare.
 - "eager": transformers + PEFT without compiling (CPU, and any GPU when asked).
+
+On cards with row-wise scaled FP8 matmuls (Hopper and newer) the compiled engine also runs the frozen base's
+products in e4m3 (afinar.fp8), after checking on the user's own rows that the loss moves by less than 1 %.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ COMPILED_MIN_GIB = 35.0  # A100-40GB reports ~39.5 GiB
 # (rounded up), and what the weights, the optimizer and the loss tiles add.
 ACTIVATION_GIB_PER_TOKEN = 0.25 / 1024
 FIXED_GIB = 4.0
-MAX_TOKENS_PER_STEP = 32768  # more tokens per step did not pay off further (BENCHMARKS.md)
+# 32 rows of 2048 on an H200: +2.7 % over 16 rows with the FP8 base, 17.7 GiB (BENCHMARKS.md); beyond that
+# the step is already bound by the matmuls.
+MAX_TOKENS_PER_STEP = 65536
 # A small dataset packs into few rows: keep at least this many optimizer steps per epoch rather than
 # filling the card (tu_dataset.json is ~30 rows of 2048 tokens: 16 rows a step would make 2 steps an epoch).
 MIN_STEPS_PER_EPOCH = 20
@@ -43,6 +48,8 @@ class Plan:
     attn_implementation: str | None = None
     compile_layers: bool = False
     open_rows: int = 1  # afinar.packing.pack_in_order: rows an example may go back to fill
+    fp8_base: bool = False  # afinar.fp8: the frozen base's matmuls in e4m3
+    fp8_drift: float | None = None  # relative change of the loss on the user's rows, measured before training
     reasons: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -65,11 +72,14 @@ def plan(settings: dict[str, Any], device: DeviceInfo, requested: str = "auto",
     if requested not in ENGINES:
         raise UserError(f"--engine {requested}: debe ser uno de {', '.join(ENGINES)}.")
     memory = memory_gib if memory_gib is not None else (device.memory_gib or 0.0)
-    batch, packing = settings.get("batch_size"), settings.get("packing")
+    batch, packing, want_fp8 = settings.get("batch_size"), settings.get("packing"), settings.get("fp8")
     reasons: list[str] = []
     if device.kind != "cuda":
         if requested in ("unsloth", "compiled"):
             raise UserError(f"--engine {requested} necesita una GPU con CUDA; en CPU se entrena con --engine eager.")
+        if want_fp8:
+            raise UserError("--fp8 necesita una GPU con multiplicaciones FP8 (Hopper o posterior) y el motor "
+                            "compilado; en CPU se entrena sin --fp8.")
         return Plan("eager", "hf", batch or 4, True if packing is None else packing, False,
                     reasons=["CPU: transformers + PEFT sin compilar"])
 
@@ -89,7 +99,21 @@ def plan(settings: dict[str, Any], device: DeviceInfo, requested: str = "auto",
         raise UserError(f"--engine compiled necesita bf16 y la GPU {device.name} no lo tiene (p. ej. la T4): "
                         f"usa --engine unsloth.")
 
+    if want_fp8 and engine != "compiled":
+        raise UserError(f"--fp8 solo existe en el motor compilado y este entrenamiento usa {engine}: quita --fp8 "
+                        f"o pide --engine compiled (GPU con bf16 y {COMPILED_MIN_GIB:.0f} GiB o más).")
+
     if engine == "compiled":
+        from . import fp8
+
+        fp8_base = fp8.supported(device.capability) if want_fp8 is None else want_fp8
+        if want_fp8 and not fp8.supported(device.capability):
+            raise UserError(f"--fp8: la GPU {device.name} (capacidad {device.capability}) no multiplica en FP8 con "
+                            f"escala por fila; hace falta Hopper (9.0) o posterior. Quita --fp8.")
+        if fp8_base:
+            reasons.append("FP8 automático: las multiplicaciones de la base congelada en e4m3 (capacidad "
+                           f"{device.capability}); LoRA, normas, atención y pérdida siguen en bf16"
+                           if want_fp8 is None else "--fp8: multiplicaciones de la base congelada en e4m3")
         auto_batch, checkpointing = _compiled_batch(memory, settings["max_seq_length"])
         if batch is None:
             reasons.append(f"lote automático: {auto_batch} filas de hasta {settings['max_seq_length']} tokens "
@@ -100,7 +124,7 @@ def plan(settings: dict[str, Any], device: DeviceInfo, requested: str = "auto",
                                f"{MIN_STEPS_PER_EPOCH} pasos por época")
         return Plan("compiled", "hf", batch or auto_batch, True if packing is None else packing, checkpointing,
                     dequantize_4bit=bool(settings.get("load_in_4bit")), attn_implementation="flex_attention",
-                    compile_layers=True, open_rows=8, reasons=reasons)
+                    compile_layers=True, open_rows=8, fp8_base=fp8_base, reasons=reasons)
     # Unsloth and eager on a GPU: the seed's recipe, padded batches of 8, checkpointing below 24 GiB
     # (a 16 GB card must stay under 12 GiB with rows of 2048 tokens).
     checkpointing = memory < 24
@@ -147,6 +171,27 @@ def dequantize_4bit_(model) -> int:
                 module.config._is_quantized = False
         torch.cuda.empty_cache()
     return replaced
+
+
+def prepare_model_(model, plan: Plan, probe_rows: list[dict]) -> None:
+    """What the plan does to a built PEFT model before training: e4m3 base (checked), compiled layers."""
+    if plan.fp8_base:
+        from . import fp8
+
+        fp8.use_fp8_base_(model)
+        fp8_loss, bf16_loss = fp8.loss_drift(model, probe_rows)
+        plan.fp8_drift = round(fp8.relative_drift(fp8_loss, bf16_loss), 5)
+        if plan.fp8_drift > fp8.MAX_LOSS_DRIFT:
+            fp8.use_bf16_base_(model)
+            plan.fp8_base = False
+            plan.reasons.append(f"FP8 descartado: en {len(probe_rows)} ejemplos tuyos la pérdida cambia un "
+                                f"{plan.fp8_drift:.2%} (límite {fp8.MAX_LOSS_DRIFT:.0%}); se entrena en bf16")
+        else:
+            plan.reasons.append(f"FP8 comprobado en {len(probe_rows)} ejemplos tuyos: pérdida {fp8_loss:.4f} frente "
+                                f"a {bf16_loss:.4f} en bf16 (cambio {plan.fp8_drift:.2%}, límite "
+                                f"{fp8.MAX_LOSS_DRIFT:.0%})")
+    if plan.compile_layers:
+        compile_layers_(model)
 
 
 def decoder_layers(model):

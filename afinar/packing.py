@@ -68,7 +68,9 @@ class Collator:
         batch = {
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
-            "real_tokens": torch.tensor(sum(len(e["input_ids"]) for e in examples)),
+            # A Python int, not a tensor: the trainer would move a tensor to the GPU and reading it back
+            # would wait for the GPU once per step.
+            "real_tokens": sum(len(e["input_ids"]) for e in examples),
         }
         key = "position_ids" if packed else "attention_mask"
         batch[key] = torch.tensor(extra, dtype=torch.long)

@@ -35,6 +35,13 @@ def _refuse_unsloth_across_processes(backend: str) -> None:
         )
 
 
+def probe_rows(entries: list[dict], tokenizer, max_seq_length: int, count: int = 8) -> list[dict]:
+    """The first few training examples, tokenized: the rows the FP8 check compares losses on."""
+    from .prompts import tokenize_example
+
+    return [tokenize_example(tokenizer, entry, max_seq_length) for entry in entries[:count]]
+
+
 def run(args) -> dict[str, Any]:
     distributed.configure_process()
     layout = OutputLayout.at(args.output_dir)
@@ -78,18 +85,17 @@ def run(args) -> dict[str, Any]:
     plan = engine.plan(resolved, device, resolved.get("engine") or "auto",
                        packed_rows=(prepared.summary.get("packing") or {}).get("rows"))
     resolved.update(batch_size=plan.batch_size, packing=plan.packing)
-    print(f"Motor de entrenamiento: {plan.engine} (lote {plan.batch_size}, empaquetado "
-          f"{'sí' if plan.packing else 'no'}, checkpointing {'sí' if plan.gradient_checkpointing else 'no'})")
-    for reason in plan.reasons:
-        print(f"  {reason}")
-
     precision = resolved.get("precision") or "fp32"
     if plan.engine == "compiled" and precision != "bf16":
         precision = "bf16"  # the compiled engine trains on a bf16 base (it is only picked where bf16 exists)
     print("Cargando el modelo con el adaptador inicial ...", flush=True)
     model, tokenizer = modeling.build(resolved, device, precision, adapter_dir=layout.initial_adapter, plan=plan)
-    if plan.compile_layers:
-        engine.compile_layers_(model)
+    engine.prepare_model_(model, plan, probe_rows(prepared.train, tokenizer, resolved["max_seq_length"]))
+    print(f"Motor de entrenamiento: {plan.engine} (lote {plan.batch_size}, empaquetado "
+          f"{'sí' if plan.packing else 'no'}, checkpointing {'sí' if plan.gradient_checkpointing else 'no'}"
+          f"{', FP8 en la base' if plan.fp8_base else ''})")
+    for reason in plan.reasons:
+        print(f"  {reason}")
 
     from .training import finite_adapter, train
 

@@ -8,7 +8,7 @@ the anchor script, so bench/run_gpu.sh can print them side by side with the anch
     python bench/bench_gpu_train.py NAME
 Environment (all optional):
   ENGINE auto|compiled|eager|unsloth   LOAD4 1|0 (4-bit base, the seed's setting)   PRECISION bf16|fp16
-  LOSS auto|response_only   COMPILE 1|0   PACK 1|0   DEQUANT 1|0   OPEN_ROWS n   ATTN flex_attention|sdpa   BATCH (rows; default: the plan's)
+  FP8 1|0 (default: the plan's, on for Hopper)   LOSS auto|response_only   COMPILE 1|0   PACK 1|0   DEQUANT 1|0   OPEN_ROWS n   ATTN flex_attention|sdpa   BATCH (rows; default: the plan's)
   MEM_GIB (plan as if the card had this much memory)   N_EX, WARM, STEPS, MODEL_DIR, OUT
   CURVE=1 records the loss of every step; PROFILE=1 profiles step WARM+1 and prints a breakdown by kind.
 """
@@ -29,6 +29,7 @@ if ENGINE == "unsloth":
     import unsloth  # noqa: F401  (must precede transformers)
 
 import torch
+from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from afinar import engine, modeling, settings, training  # noqa: E402
@@ -96,6 +97,8 @@ def main() -> None:
                     logging_steps=10**6, warmup_ratio=0.0)
     if os.environ.get("BATCH"):
         resolved["batch_size"] = int(os.environ["BATCH"])
+    if os.environ.get("FP8"):
+        resolved["fp8"] = os.environ["FP8"] == "1"
     plan = engine.plan(resolved, device, ENGINE, memory_gib=memory)
     if os.environ.get("COMPILE"):
         plan.compile_layers = os.environ["COMPILE"] == "1"
@@ -115,20 +118,35 @@ def main() -> None:
 
     t0 = time.time()
     model, tokenizer = modeling.build(resolved, device, precision, plan=plan)
-    if plan.compile_layers:
-        engine.compile_layers_(model)
-    load_s = time.time() - t0
     data = entries(tokenizer)
+    from afinar.stage_train import probe_rows
+
+    engine.prepare_model_(model, plan, probe_rows(data, tokenizer, MAX_LEN))
+    print("plan:", plan.reasons, flush=True)
+    load_s = time.time() - t0
 
     stamps: list[tuple[float, int]] = []
     losses: list[float] = []
     profiled: dict = {}
     original_class = training._make_trainer_class
 
+    class Stamp(TrainerCallback):
+        # The anchors' clock (../shared/gpu/anchor_bench.py): wait for the GPU at the end of every optimizer step.
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_step_end(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            stamps.append((time.time(), self.trainer.real_tokens))
+
     def timed_class(*args, **kwargs):
         base = original_class(*args, **kwargs)
 
         class Timed(base):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                self.add_callback(Stamp(self))
+
             def training_step(self, *a, **k):
                 if os.environ.get("PROFILE") and len(stamps) == WARM and not profiled:
                     out = None
@@ -140,8 +158,6 @@ def main() -> None:
                     profiled.update(profile_step(run))
                 else:
                     out = super().training_step(*a, **k)
-                torch.cuda.synchronize()
-                stamps.append((time.time(), self.real_tokens))
                 if os.environ.get("CURVE"):
                     losses.append(round(float(out), 5))
                 return out
@@ -158,7 +174,8 @@ def main() -> None:
     first = WARM + (1 if profiled else 0)
     (t_a, n_a), (t_b, n_b) = stamps[first - 1], stamps[-1]
     result = {"mode": "afinar_" + NAME, "engine": plan.engine, "load_in_4bit": resolved["load_in_4bit"],
-              "dequantize_4bit": plan.dequantize_4bit, "compile": plan.compile_layers, "attn": plan.attn_implementation,
+              "dequantize_4bit": plan.dequantize_4bit, "fp8": plan.fp8_base, "fp8_drift": plan.fp8_drift,
+              "compile": plan.compile_layers, "attn": plan.attn_implementation,
               "loss_impl": loss_impl, "open_rows": plan.open_rows, "checkpointing": plan.gradient_checkpointing, "precision": precision,
               "steps": len(stamps), "timed_steps": len(stamps) - first, "tok_per_s": round((n_b - n_a) / (t_b - t_a)),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "load_s": round(load_s, 1),

@@ -56,10 +56,13 @@ pair)
 train)
   # Each spec: "anchor MODE TIMEOUT [VAR=value ...]" (../shared/gpu/anchor_bench.py: BATCH GC ATTN N_EX WARM)
   #        or: "ours NAME TIMEOUT [VAR=value ...]"   (bench/bench_gpu_train.py: ENGINE LOAD4 LOSS COMPILE ...)
+  # A spec that could run past DEADLINE seconds after the start is skipped, so the summary and the archive
+  # are always written before the device call's own limit (600 s) kills everything.
   shift
   for spec in "$@"; do
     set -- $spec
     kind=$1; name=$2; tmo=$3; shift 3
+    if [ $(( SECONDS + tmo )) -gt "${DEADLINE:-560}" ]; then echo "== $kind $name skipped (deadline)"; continue; fi
     log="$RES/${kind}_${name}.log"
     t0=$(date +%s)
     if [ "$kind" = anchor ]; then
