@@ -24,9 +24,10 @@ from .errors import UserError
 
 ENGINES = ("auto", "unsloth", "compiled", "eager")
 COMPILED_MIN_GIB = 35.0  # A100-40GB reports ~39.5 GiB
-# Measured on an H200 without gradient checkpointing at Llama-3.2-1B shape (bench/bench_gpu_train.py,
-# compiled engine: 9.45 GiB peak for 16 rows of 2048): activation memory per token of a training step
-# (rounded up), and what the weights, the optimizer and the loss tiles add.
+# Measured on an H200 at Llama-3.2-1B shape, with gradient checkpointing (TRL's SFTConfig turns it on by
+# default, and every GPU measurement so far ran with it; bench/bench_gpu_train.py, compiled engine: 9.45 GiB
+# peak for 16 rows of 2048, 17.7 GiB for 32 with the FP8 base): activation memory per token of a training
+# step (rounded up), and what the weights, the optimizer and the loss tiles add.
 ACTIVATION_GIB_PER_TOKEN = 0.25 / 1024
 FIXED_GIB = 4.0
 # 32 rows of 2048 on an H200: +2.7 % over 16 rows with the FP8 base, 17.7 GiB (BENCHMARKS.md); beyond that
@@ -56,14 +57,12 @@ class Plan:
         return asdict(self)
 
 
-def _compiled_batch(memory_gib: float, max_seq_length: int) -> tuple[int, bool]:
-    """Rows per step that fit in ~80% of the card without checkpointing; checkpointing when fewer than 4 fit."""
+def _compiled_batch(memory_gib: float, max_seq_length: int) -> int:
+    """Rows per step that fit in ~80% of the card (at least 1), capped at MAX_TOKENS_PER_STEP."""
     row = max(max_seq_length, 1)
     budget = max(memory_gib * 0.8 - FIXED_GIB, 0.0)
     rows = int(budget / (row * ACTIVATION_GIB_PER_TOKEN))
-    if rows >= 4:
-        return min(rows, max(MAX_TOKENS_PER_STEP // row, 1)), False
-    return 8, True
+    return max(1, min(rows, max(MAX_TOKENS_PER_STEP // row, 1)))
 
 
 def plan(settings: dict[str, Any], device: DeviceInfo, requested: str = "auto",
@@ -114,22 +113,27 @@ def plan(settings: dict[str, Any], device: DeviceInfo, requested: str = "auto",
             reasons.append("FP8 automático: las multiplicaciones de la base congelada en e4m3 (capacidad "
                            f"{device.capability}); LoRA, normas, atención y pérdida siguen en bf16"
                            if want_fp8 is None else "--fp8: multiplicaciones de la base congelada en e4m3")
-        auto_batch, checkpointing = _compiled_batch(memory, settings["max_seq_length"])
+        auto_batch = _compiled_batch(memory, settings["max_seq_length"])
+        # Checkpointing stays on: it is what was measured (TRL's default). Without it the forward would not
+        # be recomputed (~1/3 of the layers' matmuls) for several times the activation memory: not measured yet.
+        reasons.append("checkpointing de gradientes: la configuración medida en la H200 (BENCHMARKS.md)")
         if batch is None:
             reasons.append(f"lote automático: {auto_batch} filas de hasta {settings['max_seq_length']} tokens "
-                           f"caben en el 80 % de {memory:.0f} GiB" + (" con checkpointing" if checkpointing else ""))
+                           f"caben en el 80 % de {memory:.0f} GiB")
             if packed_rows and packed_rows // MIN_STEPS_PER_EPOCH < auto_batch:
                 auto_batch = max(1, packed_rows // MIN_STEPS_PER_EPOCH)
                 reasons.append(f"los datos caben en {packed_rows} filas: lote de {auto_batch} para dar al menos "
                                f"{MIN_STEPS_PER_EPOCH} pasos por época")
-        return Plan("compiled", "hf", batch or auto_batch, True if packing is None else packing, checkpointing,
+        return Plan("compiled", "hf", batch or auto_batch, True if packing is None else packing, True,
                     dequantize_4bit=bool(settings.get("load_in_4bit")), attn_implementation="flex_attention",
                     compile_layers=True, open_rows=8, fp8_base=fp8_base, reasons=reasons)
-    # Unsloth and eager on a GPU: the seed's recipe, padded batches of 8, checkpointing below 24 GiB
-    # (a 16 GB card must stay under 12 GiB with rows of 2048 tokens).
-    checkpointing = memory < 24
+    # Unsloth and eager on a GPU: the seed's recipe, padded batches of 8. Unsloth checkpoints (offloaded) below
+    # 24 GiB: a 16 GB card must stay under 12 GiB with rows of 2048 tokens. Eager keeps TRL's checkpointing,
+    # as every GPU measurement of it did.
+    checkpointing = memory < 24 or engine == "eager"
     if checkpointing:
-        reasons.append(f"{memory:.0f} GiB: checkpointing de gradientes activado para no pasar de 12 GiB")
+        reasons.append(f"{memory:.0f} GiB: checkpointing de gradientes activado para no pasar de 12 GiB"
+                       if engine == "unsloth" else "checkpointing de gradientes (el valor por defecto de TRL)")
     return Plan(engine, "unsloth" if engine == "unsloth" else "hf", batch or 8, False if packing is None else packing,
                 checkpointing, reasons=reasons)
 

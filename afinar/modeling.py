@@ -183,7 +183,9 @@ def build(settings: dict[str, Any], device: DeviceInfo, precision: str, adapter_
         dequantize_4bit=bool(plan and plan.dequantize_4bit),
     )
     if plan:
-        gradient_checkpointing = plan.gradient_checkpointing
+        # The compiled engine's checkpointing comes from the Trainer alone (SFTConfig), as in every measured
+        # run; preparing it here as well would also hook the embeddings' output.
+        gradient_checkpointing = plan.gradient_checkpointing and plan.engine != "compiled"
     model = add_lora(
         model, backend=backend, lora_r=settings["lora_r"], lora_alpha=settings["lora_alpha"],
         lora_dropout=settings["lora_dropout"], seed=settings["seed"], gradient_checkpointing=gradient_checkpointing,

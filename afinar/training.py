@@ -212,10 +212,13 @@ def last_checkpoint(layout: OutputLayout) -> Path | None:
 
 def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, settings: dict[str, Any],
           precision: str, resume: bool = False, packing: bool = False, loss_impl: str = "auto",
-          fixed_length: bool = False, open_rows: int = 1) -> dict[str, Any]:
+          fixed_length: bool = False, open_rows: int = 1,
+          gradient_checkpointing: bool | None = None) -> dict[str, Any]:
     """Run SFT and return the metrics for run.json. The adapter itself is saved by the caller.
 
     fixed_length pads every row to max_seq_length: compiled layers then see one shape and compile once.
+    gradient_checkpointing: the engine plan's choice; None leaves it to TRL (on by default), for Unsloth,
+    which checkpoints in its own way.
     """
     from trl import SFTConfig
 
@@ -250,7 +253,7 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
         dataloader_num_workers=2 if _cuda() else 0,
         remove_unused_columns=False,
         use_cpu=not _cuda(),
-        **_cpu_config(),
+        **_checkpointing_config(gradient_checkpointing),
         # Every LoRA matrix takes part in every forward: DDP need not search the graph for unused ones.
         ddp_find_unused_parameters=False,
     )
@@ -306,14 +309,16 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _cpu_config() -> dict[str, Any]:
-    """SFTConfig settings of the CPU path only; on a GPU nothing changes (the engine plan decides there).
+def _checkpointing_config(gradient_checkpointing: bool | None) -> dict[str, Any]:
+    """The engine plan's gradient checkpointing for SFTConfig, which otherwise turns it on by default.
 
-    TRL's SFTConfig turns gradient checkpointing on by default. afinar.engine.plan never asks for it on CPU
-    (the activations of the 135M model fit in memory many times over), and with it every decoder layer ran its
-    forward twice: ~35 % of a CPU step (BENCHMARKS.md). Same numbers without it, only the recomputation goes.
+    On CPU it is always off: the activations of the 135M model fit in memory many times over, and with it
+    every decoder layer ran its forward twice, ~35 % of a CPU step (BENCHMARKS.md); same numbers without it.
+    On a GPU the plan decides; None (Unsloth, which checkpoints its own way) leaves TRL's default.
     """
-    return {} if _cuda() else {"gradient_checkpointing": False}
+    if not _cuda():
+        return {"gradient_checkpointing": False}
+    return {} if gradient_checkpointing is None else {"gradient_checkpointing": gradient_checkpointing}
 
 
 def _plot_loss(layout: OutputLayout, rows: list[dict]) -> None:

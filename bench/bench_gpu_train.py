@@ -8,7 +8,7 @@ the anchor script, so bench/run_gpu.sh can print them side by side with the anch
     python bench/bench_gpu_train.py NAME
 Environment (all optional):
   ENGINE auto|compiled|eager|unsloth   LOAD4 1|0 (4-bit base, the seed's setting)   PRECISION bf16|fp16
-  FP8 1|0 (default: the plan's, on for Hopper)   LOSS auto|response_only   COMPILE 1|0   PACK 1|0   DEQUANT 1|0   OPEN_ROWS n   ATTN flex_attention|sdpa   BATCH (rows; default: the plan's)
+  FP8 1|0 (default: the plan's, on for Hopper)   GC 1|0 (gradient checkpointing; default: the plan's)   LOSS auto|response_only   COMPILE 1|0   PACK 1|0   DEQUANT 1|0   OPEN_ROWS n   ATTN flex_attention|sdpa   BATCH (rows; default: the plan's)
   MEM_GIB (plan as if the card had this much memory)   N_EX, WARM, STEPS, MODEL_DIR, OUT
   CURVE=1 records the loss of every step; PROFILE=1 profiles step WARM+1 and prints a breakdown by kind.
 """
@@ -108,6 +108,8 @@ def main() -> None:
         plan.packing = os.environ["PACK"] == "1"
     if os.environ.get("OPEN_ROWS"):
         plan.open_rows = int(os.environ["OPEN_ROWS"])
+    if os.environ.get("GC"):
+        plan.gradient_checkpointing = os.environ["GC"] == "1"
     if os.environ.get("DEQUANT"):
         plan.dequantize_4bit = os.environ["DEQUANT"] == "1" and resolved["load_in_4bit"]
     loss_impl = os.environ.get("LOSS", "auto")
@@ -169,7 +171,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         metrics = training.train(model, tokenizer, data, layout=OutputLayout.at(tmp), settings=resolved,
                                  precision=precision, packing=plan.packing, loss_impl=loss_impl,
-                                 fixed_length=plan.compile_layers, open_rows=plan.open_rows)
+                                 fixed_length=plan.compile_layers, open_rows=plan.open_rows,
+                                 gradient_checkpointing=None if plan.engine == "unsloth" else plan.gradient_checkpointing)
     # The profiled step is slower (profiler overhead): time the steps after it.
     first = WARM + (1 if profiled else 0)
     (t_a, n_a), (t_b, n_b) = stamps[first - 1], stamps[-1]

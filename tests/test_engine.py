@@ -59,7 +59,7 @@ def test_large_bf16_cards_get_the_compiled_engine_with_a_dequantized_base(device
     plan = engine.plan(gpu_settings(), device)
     assert plan.engine == "compiled" and plan.backend == "hf" and plan.compile_layers
     assert plan.dequantize_4bit and plan.attn_implementation == "flex_attention" and plan.packing
-    assert plan.open_rows > 1 and not plan.gradient_checkpointing
+    assert plan.open_rows > 1 and plan.gradient_checkpointing  # the measured configuration (TRL default)
     assert plan.batch_size * 2048 <= engine.MAX_TOKENS_PER_STEP
     # The estimate behind the batch stays inside the card, with the measured per-token activations.
     estimate = engine.FIXED_GIB + plan.batch_size * 2048 * engine.ACTIVATION_GIB_PER_TOKEN
