@@ -177,6 +177,11 @@ def dequantize_4bit_(model) -> int:
     return replaced
 
 
+def percent(value: float) -> str:
+    """A loss change as Spanish readers write it: 0,14 %."""
+    return f"{value * 100:.2f} %".replace(".", ",")
+
+
 def prepare_model_(model, plan: Plan, probe_rows: list[dict]) -> None:
     """What the plan does to a built PEFT model before training: e4m3 base (checked), compiled layers."""
     if plan.fp8_base:
@@ -189,11 +194,12 @@ def prepare_model_(model, plan: Plan, probe_rows: list[dict]) -> None:
             fp8.use_bf16_base_(model)
             plan.fp8_base = False
             plan.reasons.append(f"FP8 descartado: en {len(probe_rows)} ejemplos tuyos la pérdida cambia un "
-                                f"{plan.fp8_drift:.2%} (límite {fp8.MAX_LOSS_DRIFT:.0%}); se entrena en bf16")
+                                f"{percent(plan.fp8_drift)} (límite {percent(fp8.MAX_LOSS_DRIFT)}); "
+                                f"se entrena en bf16")
         else:
             plan.reasons.append(f"FP8 comprobado en {len(probe_rows)} ejemplos tuyos: pérdida {fp8_loss:.4f} frente "
-                                f"a {bf16_loss:.4f} en bf16 (cambio {plan.fp8_drift:.2%}, límite "
-                                f"{fp8.MAX_LOSS_DRIFT:.0%})")
+                                f"a {bf16_loss:.4f} en bf16 (cambio {percent(plan.fp8_drift)}, límite "
+                                f"{percent(fp8.MAX_LOSS_DRIFT)})")
     if plan.compile_layers:
         compile_layers_(model)
 

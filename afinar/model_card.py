@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from . import atomic
+from . import atomic, engine
 from .embedded import EMBEDDED_ALIAS, ORIGINAL_HUB_ID
 from .generation import DEFAULT_REPETITION_PENALTY
 from .prompts import SYSTEM_PROMPT
@@ -135,11 +135,23 @@ def _hub_datasets(manifest: dict[str, Any]) -> list[str]:
 
 
 def _backend_label(manifest: dict[str, Any]) -> str:
+    """How stage 03 trained: its engine plan when recorded (it may differ from stage 02's backend)."""
     model = _dict(manifest.get("model"))
-    backend = model.get("backend")
+    plan = _dict(_dict(_train_record(manifest).get("metrics")).get("engine"))
+    backend = plan.get("backend") or model.get("backend")
     label = {"unsloth": "Unsloth (GPU)", "hf": "Transformers + PEFT + TRL"}.get(backend, str(backend or NOT_AVAILABLE))
+    if plan.get("compile_layers"):
+        label += ", capas compiladas con torch.compile y atención flex"
     if model.get("load_in_4bit"):
         label += ", base cargada en 4 bits (QLoRA)"
+        if plan.get("dequantize_4bit"):
+            label += " y descuantizada una vez a bf16"
+    if plan.get("fp8_base"):
+        # Whoever reuses the adapter should know its base products were rounded to e4m3 while it learned.
+        drift = plan.get("fp8_drift")
+        label += ", productos de la base congelada en FP8 (e4m3)" + (
+            f"; en la comprobación previa la pérdida cambió un {engine.percent(drift)} frente a bf16"
+            if isinstance(drift, (int, float)) else "")
     return label
 
 

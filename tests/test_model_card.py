@@ -161,3 +161,18 @@ def test_merged_card_snippet_runs_on_the_real_model():
         exec(compile(code, "ficha_modelo", "exec"), {})
 
     assert printed.getvalue().strip()
+
+
+def test_the_card_says_how_stage_03_trained_when_it_changed_engine(tmp_path):
+    # Stage 02 chose Unsloth; on an H200 stage 03 trained with the compiled engine and an FP8 base.
+    manifest = _manifest(base_model="unsloth/Llama-3.2-1B-Instruct", backend="unsloth", load_in_4bit=True)
+    manifest["stages"]["train"]["metrics"]["engine"] = {
+        "engine": "compiled", "backend": "hf", "compile_layers": True, "dequantize_4bit": True,
+        "fp8_base": True, "fp8_drift": 0.0014}
+
+    text = render_model_card(tmp_path, kind="adapter", manifest=manifest, repo_id=None)
+
+    row = next(line for line in text.splitlines() if line.startswith("| Motor de entrenamiento"))
+    assert "Transformers + PEFT + TRL" in row and "Unsloth" not in row
+    assert "torch.compile" in row and "descuantizada una vez a bf16" in row
+    assert "FP8 (e4m3)" in row and "0,14 %" in row
