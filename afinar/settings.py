@@ -43,7 +43,7 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
                "(el más rápido medido); en GPU más pequeñas o sin bf16 (T4), Unsloth; en CPU, eager"),
     "fp8": (None, False, "en GPU, automático: sí con el motor compilado en tarjetas Hopper o posteriores (H100, H200), "
             "que multiplican en FP8 al doble de ritmo que en bf16, y solo si en tus propios ejemplos la pérdida "
-            "cambia menos de un 1 %; solo la base congelada se redondea, LoRA aprende en bf16"),
+            "cambia menos de un 1 por ciento; solo la base congelada se redondea, LoRA aprende en bf16"),
 }
 
 # Settings fixed by stage 02 (the adapter's shape): 03 and 04 must not change them.

@@ -2,10 +2,12 @@
 
 import importlib.util
 
+import pytest
+
 from afinar import settings
 from afinar.generation import DEFAULT_REPETITION_PENALTY
 from afinar.modelfile import REPEAT_PENALTY
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 
 def _parse_02(argv):
@@ -43,3 +45,11 @@ def test_repetition_penalty_flag_is_checked_before_anything_is_written(tmp_path)
     assert "--repetition-penalty" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
     assert not target.exists()
     assert _parse_02(["--repetition-penalty", "1.0"]).repetition_penalty == 1.0
+
+
+@pytest.mark.parametrize("script", ["02_load_model.py", "03_train_model.py", "04_inference_and_export.py"])
+def test_every_script_explains_its_options_with_their_defaults(script):
+    # argparse formats help texts with %: a reason quoting "1 %" once made 03 --help crash.
+    result = run_script(script, "--help", check=False, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and result.stdout.count("por defecto") >= 5
