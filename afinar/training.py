@@ -61,28 +61,6 @@ def response_only_loss(model, inputs: dict, num_items_in_batch=None):
     return total / count
 
 
-def cpu_bf16_autocast(model, enabled: bool):
-    """bf16 autocast for our CPU loss, as the Trainer's bf16=True means, with LoRA inputs left in bf16.
-
-    The Trainer (through accelerate) autocasts only inside model.forward, and response_only_loss calls the
-    inner model, so without this the LoRA matrices ran in fp32 on a bf16 base: every LoRA input cast to fp32,
-    every LoRA output added in fp32 and cast back, ~25 % of a step on 2 cores. Under autocast PEFT's cast of
-    the input to fp32 would only be undone by autocast (both exact), so it is skipped. The frozen base computes
-    exactly as before; only the LoRA products are rounded to bf16, a change in the loss ~10x smaller than the
-    one between an fp32 and a bf16 base (BENCHMARKS.md). Off (a no-op) on GPU and for fp32.
-    """
-    import contextlib
-
-    import torch
-    from peft.helpers import disable_input_dtype_casting
-
-    stack = contextlib.ExitStack()
-    if enabled:
-        stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
-        stack.enter_context(disable_input_dtype_casting(model))
-    return stack
-
-
 LOSS_IMPLS = ("auto", "response_only")
 
 
@@ -115,8 +93,7 @@ def _make_trainer_class(loss_impl: str = "auto"):
                 # TRL 1.15 always routes through a Triton-only fused LM head, which crashes on CPU
                 # ('NoneType' object has no attribute 'apply'). We compute the same token-mean
                 # cross-entropy ourselves, projecting only the response positions through the LM head.
-                with cpu_bf16_autocast(model, self.args.bf16 and self.args.use_cpu):
-                    result = response_only_loss(model, inputs, num_items_in_batch)
+                result = response_only_loss(model, inputs, num_items_in_batch)
             else:
                 # Wrapped (DDP) models must run their own forward so gradient hooks fire.
                 result = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
