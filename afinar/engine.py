@@ -185,23 +185,33 @@ def percent(value: float) -> str:
 def prepare_model_(model, plan: Plan, probe_rows: list[dict]) -> None:
     """What the plan does to a built PEFT model before training: e4m3 base (checked), compiled layers."""
     if plan.fp8_base:
-        from . import fp8
-
-        fp8.use_fp8_base_(model)
-        fp8_loss, bf16_loss = fp8.loss_drift(model, probe_rows)
-        plan.fp8_drift = round(fp8.relative_drift(fp8_loss, bf16_loss), 5)
-        if plan.fp8_drift > fp8.MAX_LOSS_DRIFT:
-            fp8.use_bf16_base_(model)
-            plan.fp8_base = False
-            plan.reasons.append(f"FP8 descartado: en {len(probe_rows)} ejemplos tuyos la pérdida cambia un "
-                                f"{percent(plan.fp8_drift)} (límite {percent(fp8.MAX_LOSS_DRIFT)}); "
-                                f"se entrena en bf16")
-        else:
-            plan.reasons.append(f"FP8 comprobado en {len(probe_rows)} ejemplos tuyos: pérdida {fp8_loss:.4f} frente "
-                                f"a {bf16_loss:.4f} en bf16 (cambio {percent(plan.fp8_drift)}, límite "
-                                f"{percent(fp8.MAX_LOSS_DRIFT)})")
+        _use_fp8_if_it_holds_(model, plan, probe_rows)
     if plan.compile_layers:
         compile_layers_(model)
+
+
+def _use_fp8_if_it_holds_(model, plan: Plan, probe_rows: list[dict]) -> None:
+    from . import fp8
+
+    def fall_back(why: str) -> None:
+        fp8.use_bf16_base_(model)
+        plan.fp8_base = False
+        plan.reasons.append(f"FP8 descartado: {why}; se entrena en bf16")
+
+    fp8.use_fp8_base_(model)
+    try:
+        fp8_loss, bf16_loss = fp8.loss_drift(model, probe_rows)
+    except (RuntimeError, NotImplementedError) as err:
+        # A card newer than the ones measured whose torch build lacks row-wise e4m3 matmuls.
+        fall_back(f"esta GPU no pudo multiplicar en e4m3 ({str(err)[:120]})")
+        return
+    plan.fp8_drift = round(fp8.relative_drift(fp8_loss, bf16_loss), 5)
+    limit = f"límite {percent(fp8.MAX_LOSS_DRIFT)}"
+    if plan.fp8_drift > fp8.MAX_LOSS_DRIFT:
+        fall_back(f"en {len(probe_rows)} ejemplos tuyos la pérdida cambia un {percent(plan.fp8_drift)} ({limit})")
+    else:
+        plan.reasons.append(f"FP8 comprobado en {len(probe_rows)} ejemplos tuyos: pérdida {fp8_loss:.4f} frente "
+                            f"a {bf16_loss:.4f} en bf16 (cambio {percent(plan.fp8_drift)}, {limit})")
 
 
 def decoder_layers(model):

@@ -130,6 +130,23 @@ def test_the_check_keeps_fp8_when_the_loss_barely_moves_and_drops_it_otherwise(t
     assert not any(isinstance(m.base_layer, fp8.Fp8FrozenLinear) for m in fp8._lora_layers(model))
 
 
+def test_a_card_whose_torch_cannot_multiply_in_e4m3_trains_in_bf16(tokenizer, monkeypatch):
+    import torch
+
+    from afinar.stage_train import probe_rows
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("Invalid scaling configuration")  # what torch says on a card without row-wise FP8
+
+    monkeypatch.setattr(torch, "_scaled_mm", unsupported)
+    plan = engine.Plan("compiled", "hf", 4, True, False, fp8_base=True)
+    model = _tiny_lora_model(tokenizer)
+    rows = probe_rows(json.loads(open("tu_dataset.json", encoding="utf-8").read())[:2], tokenizer, 512)
+    engine.prepare_model_(model, plan, rows)
+    assert not plan.fp8_base and "no pudo multiplicar en e4m3" in plan.reasons[-1]
+    assert not any(isinstance(m.base_layer, fp8.Fp8FrozenLinear) for m in fp8._lora_layers(model))
+
+
 def test_fp8_is_picked_only_on_hopper_with_the_compiled_engine():
     h100 = DeviceInfo(kind="cuda", name="NVIDIA H100 80GB HBM3", bf16=True, memory_gib=79.2, capability="9.0",
                       colab=False)
