@@ -56,6 +56,11 @@ class Plan:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def trainer_checkpointing(self) -> bool | None:
+        """What SFTConfig gets: the plan's choice, or None for Unsloth, which checkpoints its own way."""
+        return None if self.engine == "unsloth" else self.gradient_checkpointing
+
 
 def _compiled_batch(memory_gib: float, max_seq_length: int) -> int:
     """Rows per step that fit in ~80% of the card (at least 1), capped at MAX_TOKENS_PER_STEP."""
@@ -105,8 +110,9 @@ def plan(settings: dict[str, Any], device: DeviceInfo, requested: str = "auto",
     if engine == "compiled":
         from . import fp8
 
-        fp8_base = fp8.supported(device.capability) if want_fp8 is None else want_fp8
-        if want_fp8 and not fp8.supported(device.capability):
+        fp8_runs_here = fp8.supported(device.capability)
+        fp8_base = fp8_runs_here if want_fp8 is None else want_fp8
+        if want_fp8 and not fp8_runs_here:
             raise UserError(f"--fp8: la GPU {device.name} (capacidad {device.capability}) no multiplica en FP8 con "
                             f"escala por fila; hace falta Hopper (9.0) o posterior. Quita --fp8.")
         if fp8_base:

@@ -29,7 +29,7 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
                "~12 minutos con 2 núcleos) en lugar de 2: la perplejidad apartada queda en 0,33 veces la del modelo "
                "base (0,35 con 2) y las respuestas con bucles bajan de 6 a 3 de 10 sin tocar la generación"),
     "max_steps": (None, None, "sin límite: manda --epochs; úsalo para pruebas rápidas"),
-    "batch_size": (None, 4, "en GPU, automático según el motor y la memoria de la tarjeta (16 filas de 2048 en la "
+    "batch_size": (None, 4, "en GPU, automático según el motor y la memoria de la tarjeta (32 filas de 2048 en la "
                    "H200, 8 con Unsloth); 4 en CPU, donde más lote no da más velocidad con 2 núcleos"),
     "grad_accum": (1, 1, "1: con lotes de 4-8 y pocas entradas, acumular solo reduce el número de pasos"),
     "seed": (42, 42, "fija el orden de los datos y la inicialización de LoRA para poder repetir el resultado"),

@@ -103,7 +103,7 @@ def run(args) -> dict[str, Any]:
     metrics = train(model, tokenizer, prepared.train, layout=layout, settings=resolved, precision=precision,
                     resume=args.resume, packing=resolved["packing"],
                     fixed_length=plan.compile_layers, open_rows=plan.open_rows,
-                    gradient_checkpointing=None if plan.engine == "unsloth" else plan.gradient_checkpointing)
+                    gradient_checkpointing=plan.trainer_checkpointing)
     metrics["engine"] = plan.as_dict()
     if not finite_adapter(model):
         raise UserError("El adaptador entrenado contiene NaN o infinitos: no se guarda. Baja --learning-rate.")

@@ -172,7 +172,7 @@ def main() -> None:
         metrics = training.train(model, tokenizer, data, layout=OutputLayout.at(tmp), settings=resolved,
                                  precision=precision, packing=plan.packing, loss_impl=loss_impl,
                                  fixed_length=plan.compile_layers, open_rows=plan.open_rows,
-                                 gradient_checkpointing=None if plan.engine == "unsloth" else plan.gradient_checkpointing)
+                                 gradient_checkpointing=plan.trainer_checkpointing)
     # The profiled step is slower (profiler overhead): time the steps after it.
     first = WARM + (1 if profiled else 0)
     (t_a, n_a), (t_b, n_b) = stamps[first - 1], stamps[-1]

@@ -119,6 +119,10 @@ def test_the_check_keeps_fp8_when_the_loss_barely_moves_and_drops_it_otherwise(t
     engine.prepare_model_(model, kept, rows)
     assert kept.fp8_base and kept.fp8_drift is not None and 0 < kept.fp8_drift < fp8.MAX_LOSS_DRIFT
     assert isinstance(fp8._lora_layers(model)[0].base_layer, fp8.Fp8FrozenLinear)
+    # Measuring again leaves the very same quantized modules in place (no second quantization).
+    quantized = [layer.base_layer for layer in fp8._lora_layers(model)]
+    fp8.loss_drift(model, rows)
+    assert [layer.base_layer for layer in fp8._lora_layers(model)] == quantized
     assert "FP8 comprobado en 4 ejemplos" in kept.reasons[-1]
 
     # A model whose activations e4m3 represents badly: any change counts as too much.
