@@ -29,12 +29,17 @@ def parse_args(argv=None):
                         "fp32 si no; los pesos de LoRA y el optimizador siempre en fp32)")
     p.add_argument("--lora-r", type=int, default=16, help=settings.help_text("lora_r", "rango de LoRA"))
     p.add_argument("--lora-alpha", type=int, default=None, help=settings.help_text("lora_alpha", "alpha de LoRA"))
+    p.add_argument("--lora-layers", type=int, default=None,
+                   help=settings.help_text("lora_layers", "capas (las de arriba) que reciben LoRA"))
     p.add_argument("--lora-dropout", type=float, default=0.0, help=settings.help_text("lora_dropout", "dropout de LoRA"))
     p.add_argument("--max-seq-length", type=int, default=None,
                    help=settings.help_text("max_seq_length", "longitud máxima en tokens"))
     p.add_argument("--seed", type=int, default=None, help=settings.help_text("seed", "semilla"))
     p.add_argument("--questions", default="preguntas_contraste.json",
                    help="preguntas de contraste (por defecto: preguntas_contraste.json)")
+    p.add_argument("--probe-file", default="sondas_errores.json",
+                   help="pares (verdadera, error típico) de la sonda de errores que la etapa 04 mide antes y después; "
+                        "nunca se entrenan (por defecto: sondas_errores.json; «none» la desactiva)")
     p.add_argument("--max-new-tokens", type=int, default=200,
                    help="tokens máximos por respuesta (por defecto: 200, de sobra para un párrafo; el corte delata "
                         "a un modelo que no sabe parar)")

@@ -43,6 +43,14 @@ def parse_args(argv=None):
                    help=settings.help_text("engine", "motor de entrenamiento"))
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
                    help=settings.help_text("fp8", "multiplicar la base congelada en FP8 (e4m3)"))
+    pref = p.add_argument_group("preferencias (DPO tras el SFT, con las entradas que traen 'rejected')")
+    pref.add_argument("--preference", choices=["auto", "dpo", "none"], default=None,
+                      help=settings.help_text("preference", "entrenamiento de preferencias"))
+    pref.add_argument("--dpo-beta", type=float, default=None, help=settings.help_text("dpo_beta", "beta de DPO"))
+    pref.add_argument("--preference-epochs", type=float, default=None,
+                      help=settings.help_text("preference_epochs", "épocas de preferencias"))
+    pref.add_argument("--preference-learning-rate", type=float, default=None,
+                      help=settings.help_text("preference_learning_rate", "tasa de aprendizaje de preferencias"))
     p.add_argument("--resume", action="store_true", help="reanudar desde el último checkpoint (por defecto: no)")
     p.add_argument("--overwrite", action="store_true",
                    help="entrenar de nuevo aunque ya exista un adaptador (por defecto: no, para no perder el que hay)")

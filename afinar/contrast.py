@@ -5,6 +5,9 @@ Metrics of one answer:
 - spanish_ratio: share of its words in Spanish (see `spanish_ratio` for the method).
 - repeated_3gram_ratio: share of its word 3-grams that repeat an earlier one (catches loops).
 - keyword_coverage: share of the question's keywords it mentions (None when the question has none).
+- fact: for questions with a `hecho`, whether the answer states the corrected fact and not the old error
+  (afinar.facts); unlike keyword coverage, a right word inside a wrong sentence does not count.
+Besides the answers, the misconception probe (afinar.probe) and the held-out perplexity enter the verdict.
 """
 
 from __future__ import annotations
@@ -142,13 +145,17 @@ def keyword_coverage(text: str, keywords: Sequence[str]) -> float | None:
     return found / len(keywords)
 
 
-def answer_metrics(text: str, ended_with_eos: bool, keywords: Sequence[str]) -> dict[str, Any]:
+def answer_metrics(text: str, ended_with_eos: bool, keywords: Sequence[str],
+                   fact: dict[str, Any] | None = None) -> dict[str, Any]:
+    from . import facts
+
     return {
         "text": text,
         "ended_with_eos": bool(ended_with_eos),
         "spanish_ratio": round(spanish_ratio(text), 4),
         "repeated_3gram_ratio": round(repeated_3gram_ratio(text), 4),
         "keyword_coverage": _rounded(keyword_coverage(text, keywords)),
+        "fact": facts.check(text, fact) if fact else None,
     }
 
 
@@ -161,6 +168,7 @@ def build_contrast(
     after_rows: Sequence[dict[str, Any]],
     perplexity_before: float | None,
     perplexity_after: float | None,
+    probe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole contrast: perplexity, per-question metrics before/after, aggregates and the verdict.
 
@@ -173,20 +181,24 @@ def build_contrast(
     items = []
     for question, before, after in zip(questions, before_rows, after_rows):
         keywords = question.get("palabras_clave", []) if isinstance(question, dict) else []
+        fact = question.get("hecho") if isinstance(question, dict) else None
         items.append({
             "question": question_text(question),
-            "before": answer_metrics(before["text"], before["ended_with_eos"], keywords),
-            "after": answer_metrics(after["text"], after["ended_with_eos"], keywords),
+            "fact": fact.get("descripcion") if fact else None,
+            "before": answer_metrics(before["text"], before["ended_with_eos"], keywords, fact),
+            "after": answer_metrics(after["text"], after["ended_with_eos"], keywords, fact),
         })
     aggregate = {
         "before": _side_aggregate(items, before_rows, "before"),
         "after": _side_aggregate(items, after_rows, "after"),
         "questions_with_keywords": sum(1 for item in items if item["after"]["keyword_coverage"] is not None),
+        "questions_with_facts": sum(1 for item in items if item["after"]["fact"] is not None),
     }
     contrast = {
         "perplexity": {"before": _finite_or_none(perplexity_before), "after": _finite_or_none(perplexity_after)},
         "questions": items,
         "aggregate": aggregate,
+        "probe": probe,
     }
     contrast["verdict"] = verdict(contrast)
     return contrast
@@ -195,13 +207,21 @@ def build_contrast(
 def criteria(contrast: dict[str, Any]) -> dict[str, tuple[bool | None, str]]:
     """Each criterion of the verdict: (passed, Spanish reason with its numbers); passed is None if not applicable.
 
-    Keys: eos, spanish, repetition, keywords, perplexity (the reports mark their table rows with them).
+    Keys: eos, spanish, repetition, keywords, facts, probe, perplexity (the reports mark their table rows with
+    them). Where the questions carry facts, the fact check decides and keyword coverage is only shown: a keyword
+    inside a wrong sentence would pass it.
     """
+    facts_check = _check_facts(contrast)
+    keywords = _check_keywords(contrast)
+    if facts_check[0] is not None:
+        keywords = (None, "Informativa: " + keywords[1].split(": ", 1)[-1])
     return {
         "eos": _check_eos(contrast),
         "spanish": _check_spanish(contrast),
         "repetition": _check_repetition(contrast),
-        "keywords": _check_keywords(contrast),
+        "keywords": keywords,
+        "facts": facts_check,
+        "probe": _check_probe(contrast),
         "perplexity": _check_perplexity(contrast),
     }
 
@@ -417,6 +437,36 @@ def _check_keywords(contrast: dict[str, Any]) -> tuple[bool | None, str]:
         return True, f"Cumple: {text}."
     problem = "empeora respecto a antes" if after < before else "no llega al mínimo"
     return False, f"No cumple: {text}; {problem}."
+
+
+def _check_facts(contrast: dict[str, Any]) -> tuple[bool | None, str]:
+    checked = [(i, item) for i, item in enumerate(contrast["questions"], start=1) if item["after"].get("fact")]
+    if not checked:
+        return None, "No aplica: ninguna pregunta trae un hecho que comprobar."
+    passed = [i for i, item in checked if item["after"]["fact"]["passed"]]
+    with_error = [i for i, item in checked if item["after"]["fact"]["states_error"]]
+    before = sum(1 for _, item in checked if item["before"].get("fact") and item["before"]["fact"]["passed"])
+    text = (f"{len(passed)} de {len(checked)} respuestas de después afirman el hecho corregido sin el error "
+            f"(antes: {before})")
+    if len(passed) == len(checked):
+        return True, f"Cumple: {text}."
+    missing = [i for i, _ in checked if i not in passed]
+    extra = f"; repiten el error: {_list_numbers(with_error)}" if with_error else ""
+    return False, f"No cumple: {text}; faltan {_list_numbers(missing)}{extra}."
+
+
+def _check_probe(contrast: dict[str, Any]) -> tuple[bool | None, str]:
+    from .probe import MIN_PROBE_SHARE
+
+    probe = contrast.get("probe")
+    if not probe or not probe.get("pairs"):
+        return None, "No aplica: no se midió la sonda de errores."
+    text = (f"en la sonda de errores la afirmación verdadera gana en {probe['true_wins_after']} de {probe['pairs']} "
+            f"pares ({percent(probe['share_after'], 0)}; antes {probe['true_wins_before']}, "
+            f"{percent(probe['share_before'], 0)}; mínimo {percent(MIN_PROBE_SHARE, 0)})")
+    if probe["share_after"] >= MIN_PROBE_SHARE:
+        return True, f"Cumple: {text}."
+    return False, f"No cumple: {text}."
 
 
 def _check_perplexity(contrast: dict[str, Any]) -> tuple[bool, str]:

@@ -2,7 +2,8 @@
 
 Rules (documented in the README's data section):
 - UTF-8 with or without BOM; `instruction` and `output` are required non-blank strings, `input` is optional
-  (string or null). Other fields are ignored with a single notice.
+  (string or null), and so is `rejected` (the misconception answer, for preference training; it must differ from
+  `output`). Other fields are ignored with a single notice.
 - A field longer than MAX_FIELD_CHARS characters is rejected, not truncated: a cut answer would teach the
   model to stop mid-sentence, and no sensible max_seq_length fits that much text anyway.
 - Control characters other than newline and tab are removed and \\r\\n / \\r become \\n, each with one notice.
@@ -25,7 +26,8 @@ from typing import Any
 from .errors import UserError
 
 REQUIRED_FIELDS = ("instruction", "output")
-OPTIONAL_FIELDS = ("input",)
+# `rejected`: the wrong answer (the misconception) that preference training (afinar.preference) trains against.
+OPTIONAL_FIELDS = ("input", "rejected")
 KNOWN_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
 
 MAX_FIELD_CHARS = 100_000
@@ -203,7 +205,13 @@ def validate_record(record: Any, where: str, problems: Problems, stats: CheckSta
     input_text = values["input"] or ""
     if input_text.strip():
         stats.with_input += 1
-    return {"instruction": values["instruction"], "input": input_text, "output": values["output"]}
+    entry = {"instruction": values["instruction"], "input": input_text, "output": values["output"]}
+    if values["rejected"] and values["rejected"].strip():
+        if values["rejected"].strip() == values["output"].strip():
+            problems.add(where, "es igual que 'output': debe ser la respuesta equivocada", "rejected")
+            return None
+        entry["rejected"] = values["rejected"]
+    return entry
 
 
 # --------------------------------------------------------------------------------------------------- JSON

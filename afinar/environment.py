@@ -49,8 +49,21 @@ def detect_device() -> DeviceInfo:
                       memory_gib=None, capability=None, colab=in_colab())
 
 
+# Capability caps that make PyTorch (ATEN_CPU_CAPABILITY) or oneDNN (ONEDNN_MAX_CPU_ISA) ignore AVX-512 and AMX:
+# under them bf16 is emulated again, however new the processor (the way to try an AVX2-only machine).
+_ATEN_WITHOUT_BF16 = ("default", "avx2", "zvector", "sve256")
+_ONEDNN_WITHOUT_BF16 = ("sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2", "avx512_core", "avx512_core_vnni")
+
+
 def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX-512 BF16: the CPU multiplies bf16 matrices natively, so a bf16 base is faster than fp32."""
+    """AMX or AVX-512 BF16: the CPU multiplies bf16 matrices natively, so a bf16 base is faster than fp32.
+
+    False when ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA caps the kernels below those instructions.
+    """
+    if os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower() in _ATEN_WITHOUT_BF16:
+        return False
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().lower() in _ONEDNN_WITHOUT_BF16:
+        return False
     try:
         flags = open("/proc/cpuinfo", encoding="utf-8").read()
     except OSError:

@@ -122,15 +122,27 @@ def load_base(path: str, *, backend: str, load_in_4bit: bool, precision: str, ma
     return model, tokenizer
 
 
+def lora_layer_indices(model, lora_layers: int | None) -> list[int] | None:
+    """The top `lora_layers` decoder layers (None = all). Gradients then stop at the lowest adapted layer: the
+    frozen layers below run their forward only, which is most of the saving on a CPU (afinar.settings)."""
+    if not lora_layers:
+        return None
+    total = int(model.config.num_hidden_layers)
+    if not 1 <= lora_layers <= total:
+        raise UserError(f"--lora-layers {lora_layers}: el modelo tiene {total} capas; usa un número entre 1 y {total}.")
+    return list(range(total - lora_layers, total)) if lora_layers < total else None
+
+
 def add_lora(model, *, backend: str, lora_r: int, lora_alpha: int, lora_dropout: float, seed: int,
-             gradient_checkpointing: bool = False):
+             gradient_checkpointing: bool = False, lora_layers: int | None = None):
+    layers = lora_layer_indices(model, lora_layers)
     if backend == "unsloth":
         from unsloth import FastLanguageModel
 
         return FastLanguageModel.get_peft_model(
             model, r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=LORA_TARGET_MODULES,
             bias="none", use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
-            random_state=seed,
+            random_state=seed, layers_to_transform=layers,
         )
     import torch
     from peft import LoraConfig, get_peft_model
@@ -145,7 +157,7 @@ def add_lora(model, *, backend: str, lora_r: int, lora_alpha: int, lora_dropout:
         model.enable_input_require_grads()
     config = LoraConfig(
         r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=LORA_TARGET_MODULES,
-        bias="none", task_type="CAUSAL_LM",
+        bias="none", task_type="CAUSAL_LM", layers_to_transform=layers,
     )
     return get_peft_model(model, config)
 
@@ -189,6 +201,7 @@ def build(settings: dict[str, Any], device: DeviceInfo, precision: str, adapter_
     model = add_lora(
         model, backend=backend, lora_r=settings["lora_r"], lora_alpha=settings["lora_alpha"],
         lora_dropout=settings["lora_dropout"], seed=settings["seed"], gradient_checkpointing=gradient_checkpointing,
+        lora_layers=settings.get("lora_layers"),
     )
     if adapter_dir is not None:
         load_adapter_weights(model, adapter_dir)

@@ -1,7 +1,8 @@
 """The contrast questions file (`preguntas_contraste.json`): loading and validation.
 
-Format: a JSON array of objects `{"pregunta": str, "palabras_clave": [str, ...], "referencia": str}`;
-`palabras_clave` and `referencia` are optional.
+Format: a JSON array of objects `{"pregunta": str, "palabras_clave": [str, ...], "referencia": str,
+"hecho": {"descripcion": str, "afirma": [regex, ...], "error": [regex, ...]}}`; all but `pregunta` are
+optional. `hecho` is the corrected fact the answer must state, and the error it must not (afinar.facts).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from .errors import UserError
 
 REQUIRED_FIELD = "pregunta"
-OPTIONAL_FIELDS = ("palabras_clave", "referencia")
+OPTIONAL_FIELDS = ("palabras_clave", "referencia", "hecho")
 KNOWN_FIELDS = (REQUIRED_FIELD, *OPTIONAL_FIELDS)
 
 _FORMAT_HINT = (
@@ -78,7 +79,34 @@ def _validate_entry(path: Path, number: int, entry: Any) -> dict[str, Any]:
         "pregunta": question.strip(),
         "palabras_clave": _validate_keywords(where, entry.get("palabras_clave")),
         "referencia": _validate_reference(where, entry.get("referencia")),
+        "hecho": _validate_fact(where, entry.get("hecho")),
     }
+
+
+def _validate_fact(where: str, fact: Any) -> dict[str, Any] | None:
+    import re
+
+    if fact is None:
+        return None
+    if not isinstance(fact, dict):
+        raise UserError(f"{where}, campo 'hecho': debe ser un objeto y es {_json_type(fact)}.")
+    checked: dict[str, Any] = {"descripcion": fact.get("descripcion") or ""}
+    if not isinstance(checked["descripcion"], str):
+        raise UserError(f"{where}, campo 'hecho.descripcion': debe ser un texto.")
+    for key in ("afirma", "error"):
+        patterns = fact.get(key, [])
+        if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
+            raise UserError(f"{where}, campo 'hecho.{key}': debe ser una lista de expresiones regulares (textos).")
+        for position, pattern in enumerate(patterns, start=1):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise UserError(f"{where}, campo 'hecho.{key}', elemento {position}: expresión regular no "
+                                f"válida ({err}).") from None
+        checked[key] = patterns
+    if not checked["afirma"]:
+        raise UserError(f"{where}, campo 'hecho.afirma': hace falta al menos una expresión del hecho correcto.")
+    return checked
 
 
 def _validate_keywords(where: str, keywords: Any) -> list[str]:

@@ -51,10 +51,35 @@ def metric_rows(contrast: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(_row("Cobertura de palabras clave (media)", number(before["keyword_coverage_mean"]),
                          number(after["keyword_coverage_mean"]),
                          f"≥ {number(MIN_KEYWORD_COVERAGE)} y no peor que antes", status["keywords"]))
+    if contrast["aggregate"].get("questions_with_facts"):
+        rows.append(_row("Respuestas que afirman el hecho corregido (sin el error)", _facts_share(contrast, "before"),
+                         _facts_share(contrast, "after"), "todas", status["facts"]))
+    probe = contrast.get("probe")
+    if probe and probe.get("pairs"):
+        from .probe import MIN_PROBE_SHARE
+
+        rows.append(_row("Sonda de errores: gana la afirmación verdadera",
+                         f"{probe['true_wins_before']} de {probe['pairs']} ({percent(probe['share_before'], 0)})",
+                         f"{probe['true_wins_after']} de {probe['pairs']} ({percent(probe['share_after'], 0)})",
+                         f"≥ {percent(MIN_PROBE_SHARE, 0)} de los pares", status["probe"]))
     if before.get("new_tokens_mean") is not None or after.get("new_tokens_mean") is not None:
         rows.append(_row("Tokens generados por respuesta (media)", number(before.get("new_tokens_mean"), 1),
                          number(after.get("new_tokens_mean"), 1), "informativa", None))
     return rows
+
+
+def _facts_share(contrast: dict[str, Any], side: str) -> str:
+    checked = [item[side]["fact"] for item in contrast["questions"] if item[side].get("fact")]
+    return f"{sum(1 for f in checked if f['passed'])} de {len(checked)}"
+
+
+def probe_lines(contrast: dict[str, Any]) -> list[str]:
+    """One Spanish line per probe pair: its topic and who won, before → after."""
+    probe = contrast.get("probe") or {}
+    won = {True: "verdadera", False: "error"}
+    return [f"{item['tema'] or item['pregunta']}: gana la {won[item['before']]} → gana la {won[item['after']]} "
+            f"(margen {number(item['margin_before'])} → {number(item['margin_after'])})"
+            for item in probe.get("items", [])]
 
 
 def passed_label(passed: bool | None) -> str:
@@ -100,6 +125,14 @@ def markdown_report(contrast: dict[str, Any]) -> str:
             answer = item[side]
             parts.append(f"**{label}** ({_badges_text(answer)}):\n")
             parts.append(_md_quote(answer["text"]) + "\n")
+    if probe_lines(contrast):
+        probe = contrast["probe"]
+        parts.append(f"## Sonda de errores ({probe['pairs']} pares de `{_md_inline(probe['source'])}`)\n")
+        parts.append("Para cada par, qué afirmación encuentra más probable el modelo como respuesta a la pregunta: "
+                     "la verdadera o el error típico (logaritmo de la probabilidad de la frase; margen = verdadera "
+                     "menos error). Ningún par se usó para entrenar.\n")
+        parts += [f"- {_md_inline(line)}" for line in probe_lines(contrast)]
+        parts.append("")
     return "\n".join(parts)
 
 
@@ -166,6 +199,10 @@ def _badges_text(answer: dict[str, Any]) -> str:
     ]
     if answer["keyword_coverage"] is not None:
         badges.append(f"palabras clave {number(answer['keyword_coverage'])}")
+    fact = answer.get("fact")
+    if fact:
+        badges.append("afirma el hecho corregido" if fact["passed"] else
+                      "repite el error" if fact["states_error"] else "no afirma el hecho corregido")
     return " · ".join(badges)
 
 
@@ -191,7 +228,11 @@ def html_report(contrast: dict[str, Any]) -> str:
         f"{_html_table(contrast)}\n<p class=\"note\">{_e(method_note(contrast).strip())}</p>\n</section>\n"
         '<section id="respuestas">\n<h2>Respuestas, antes y después</h2>\n'
         f"{''.join(_html_question(i, item) for i, item in enumerate(contrast['questions'], start=1))}"
-        "</section>\n</main>\n</body>\n</html>\n"
+        "</section>\n"
+        + (f'<section id="sonda">\n<h2>Sonda de errores</h2>\n<ul>'
+           + "".join(f"<li>{_e(line)}</li>" for line in probe_lines(contrast)) + "</ul>\n</section>\n"
+           if probe_lines(contrast) else "")
+        + "</main>\n</body>\n</html>\n"
     )
 
 

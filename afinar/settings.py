@@ -19,6 +19,8 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
                    "(escala 2): con 135M parámetros y pocos pasos, la perplejidad apartada bajó de 14,6 a 13,8 "
                    "(2 épocas) y a 13,1 con 3 (BENCHMARKS.md); sin --lora-alpha se mantiene la proporción para "
                    "otro --lora-r"),
+    "lora_layers": (None, None, "todas las capas; con N, solo las N de arriba: el gradiente no baja de la primera "
+                    "capa adaptada y en CPU cada paso cuesta menos"),
     "lora_dropout": (0.0, 0.0, "0: con pocas épocas no hace falta regularizar y Unsloth lo acelera"),
     "max_seq_length": (2048, 640, "2048 en GPU cubre ensayos largos; 640 en CPU cubre el ensayo más largo de "
                        "tu_dataset.json (599 tokens con la plantilla) sin pagar filas de 2048"),
@@ -44,12 +46,20 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
     "fp8": (None, False, "en GPU, automático: sí con el motor compilado en tarjetas Hopper o posteriores (H100, H200), "
             "que multiplican en FP8 al doble de ritmo que en bf16, y solo si en tus propios ejemplos la pérdida "
             "cambia menos de un 1 por ciento; solo la base congelada se redondea, LoRA aprende en bf16"),
+    "preference": ("auto", "auto", "auto: tras el SFT, entrenamiento de preferencias (DPO) con las entradas que traen "
+                   "'rejected' (el error típico): el dato correcto debe ganar al error, no solo ser probable; "
+                   "'none' lo omite"),
+    "dpo_beta": (0.1, 0.1, "beta de DPO: cuánto puede alejarse el modelo del de después del SFT; 0,1 es lo habitual"),
+    "preference_epochs": (3.0, 3.0, "pasadas por los pares (correcta, error); son respuestas cortas y cuestan poco"),
+    "preference_learning_rate": (5e-5, 5e-4, "más baja que la del SFT: DPO mueve la diferencia entre dos respuestas "
+                                 "y con pasos grandes las baja las dos"),
 }
 
 # Settings fixed by stage 02 (the adapter's shape): 03 and 04 must not change them.
-LOAD_KEYS = ("model", "base_path", "backend", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout")
+LOAD_KEYS = ("model", "base_path", "backend", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "lora_layers")
 TRAIN_KEYS = ("max_seq_length", "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "seed",
-              "warmup_ratio", "save_steps", "save_minutes", "logging_steps", "packing", "engine", "fp8")
+              "warmup_ratio", "save_steps", "save_minutes", "logging_steps", "packing", "engine", "fp8",
+              "preference", "dpo_beta", "preference_epochs", "preference_learning_rate")
 
 
 def default(name: str, device_kind: str) -> Any:

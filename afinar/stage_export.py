@@ -79,12 +79,28 @@ def run_contrast(args, layout: OutputLayout, run_manifest: dict, model, tokenize
         with model.disable_adapter():
             ppl_before = perplexity(model, tokenizer, entries, max_seq_length=max_len, batch_size=4)
         ppl_after = perplexity(model, tokenizer, entries, max_seq_length=max_len, batch_size=4)
-    contrast = build_contrast(questions, before, after, ppl_before, ppl_after)
+    probe_result = _probe(run_manifest, model, tokenizer)
+    contrast = build_contrast(questions, before, after, ppl_before, ppl_after, probe=probe_result)
     contrast["perplexity_source"] = source
     contrast["generation"] = {"do_sample": False, "max_new_tokens": max_new_tokens,
                               "repetition_penalty": repetition_penalty}
     write_reports(layout, contrast)
     return contrast
+
+
+def _probe(run_manifest: dict, model, tokenizer) -> dict | None:
+    """The misconception probe, base (adapter off) against tuned, on the pairs stage 02 recorded."""
+    from . import probe
+
+    path = run_manifest.get("probe_file")
+    if not path:
+        return None
+    pairs = probe.load_pairs(path)
+    print(f"Sonda de errores: {len(pairs)} pares (verdadera frente al error típico) ...", flush=True)
+    with model.disable_adapter():
+        before = probe.score_pairs(model, tokenizer, pairs)
+    after = probe.score_pairs(model, tokenizer, pairs)
+    return probe.summary(before, after, Path(path).name)
 
 
 def run(args) -> dict[str, Any]:

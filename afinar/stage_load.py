@@ -49,6 +49,7 @@ def run(args) -> dict[str, Any]:
     repetition_penalty = float(DEFAULT_REPETITION_PENALTY if requested is None else requested)
     check_repetition_penalty(repetition_penalty)
     questions = _load_questions(args.questions)
+    probe_file = _probe_file(getattr(args, "probe_file", None))
     print(f"Dispositivo: {device.kind} ({device.name}); backend: {backend}; modelo: {model_name}", flush=True)
     display_name, base_path = modeling.resolve_model(model_name)  # before touching the output dir
     prepare_output_dir(layout, args.overwrite)
@@ -60,6 +61,7 @@ def run(args) -> dict[str, Any]:
         "lora_alpha": (args.lora_alpha if args.lora_alpha is not None
                        else settings.lora_alpha_for(args.lora_r, device.kind)),
         "lora_dropout": args.lora_dropout, "precision": precision,
+        "lora_layers": getattr(args, "lora_layers", None) or settings.default("lora_layers", device.kind),
     })
     if args.max_seq_length:
         resolved["max_seq_length"] = args.max_seq_length
@@ -74,6 +76,7 @@ def run(args) -> dict[str, Any]:
         "device": device.as_dict(),
         "versions": library_versions(),
         "questions_file": str(Path(args.questions).resolve()),
+        "probe_file": probe_file,
         "generation": {"max_new_tokens": args.max_new_tokens, "do_sample": False, "batch_size": args.gen_batch_size,
                        "repetition_penalty": repetition_penalty},
         "stages": {},
@@ -103,6 +106,16 @@ def run(args) -> dict[str, Any]:
         answers_before=manifest.relative(layout, layout.answers_before),
     )
     return {"layout": layout, "rows": rows}
+
+
+def _probe_file(path: str | None) -> str | None:
+    """The probe file, checked now (before anything is written) and recorded for stage 04; None = no probe."""
+    if not path or path == "none":
+        return None
+    from .probe import load_pairs
+
+    load_pairs(path)
+    return str(Path(path).resolve())
 
 
 def _load_questions(path: str):

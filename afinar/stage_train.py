@@ -42,6 +42,30 @@ def probe_rows(entries: list[dict], tokenizer, max_seq_length: int, count: int =
     return [tokenize_example(tokenizer, entry, max_seq_length) for entry in entries[:count]]
 
 
+def _preference_phase(model, tokenizer, train_entries: list[dict], resolved: dict[str, Any], device_kind: str,
+                      precision: str) -> dict[str, Any]:
+    """DPO after SFT on the entries that carry a misconception ('rejected'), unless --preference none."""
+    from . import preference
+
+    for key in ("preference", "dpo_beta", "preference_epochs", "preference_learning_rate"):
+        if resolved.get(key) is None:  # a run.json from before these settings existed
+            resolved[key] = settings.default(key, device_kind)
+    mode = resolved["preference"]
+    found = preference.triples(train_entries)
+    if mode == "none" or (mode == "auto" and not found):
+        if mode == "auto":
+            print("Preferencias: ninguna entrada trae 'rejected'; solo SFT.")
+        return {"mode": "none", "pairs": 0}
+    if not found:
+        raise UserError("--preference dpo: ninguna entrada de entrenamiento trae el campo 'rejected' (la respuesta "
+                        "equivocada que debe perder). Añádelo a tus datos o usa --preference none.")
+    print(f"Preferencias (DPO): {len(found)} pares (correcta, error) ...", flush=True)
+    return preference.train_preference(
+        model, tokenizer, train_entries, max_seq_length=resolved["max_seq_length"], beta=resolved["dpo_beta"],
+        epochs=resolved["preference_epochs"], learning_rate=resolved["preference_learning_rate"],
+        batch_size=8, sft_weight=1.0, seed=resolved["seed"], precision=precision)
+
+
 def run(args) -> dict[str, Any]:
     distributed.configure_process()
     layout = OutputLayout.at(args.output_dir)
@@ -105,6 +129,7 @@ def run(args) -> dict[str, Any]:
                     fixed_length=plan.compile_layers, open_rows=plan.open_rows,
                     gradient_checkpointing=plan.trainer_checkpointing)
     metrics["engine"] = plan.as_dict()
+    metrics["preference"] = _preference_phase(model, tokenizer, prepared.train, resolved, device.kind, precision)
     if not finite_adapter(model):
         raise UserError("El adaptador entrenado contiene NaN o infinitos: no se guarda. Baja --learning-rate.")
     if not distributed.is_main_process():
