@@ -64,7 +64,7 @@ def run_one(spec: str, out: Path, cores: str, extra_env: dict[str, str]) -> dict
     probe = contrast.get("probe") or {}
     ppl = contrast["perplexity"]
     facts = [q["after"]["fact"]["passed"] for q in contrast["questions"] if q["after"].get("fact")]
-    return {
+    row = {
         "name": name, "seconds": seconds, "steps": train.get("global_step"),
         "tokens_per_second": train.get("tokens_per_second"),
         "ppl_before": ppl["before"], "ppl_after": ppl["after"],
@@ -75,6 +75,9 @@ def run_one(spec: str, out: Path, cores: str, extra_env: dict[str, str]) -> dict
         "worst_3gram": after["repeated_3gram_ratio_max"], "ready": contrast["verdict"]["ready"],
         "preference": train.get("preference"),
     }
+    # Written as soon as this configuration ends: a call cut short still returns the finished ones.
+    (out / f"{name}.json").write_text(json.dumps(row, ensure_ascii=False), encoding="utf-8")
+    return row
 
 
 def main() -> None:
@@ -93,6 +96,8 @@ def main() -> None:
             cores = f"{args.first_core + 2 * i},{args.first_core + 2 * i + 1}"
             jobs.append(pool.submit(run_one, spec, out, cores, env))
     results = [job.result() for job in jobs]
+    for row in results:
+        (out / f"{row['name']}.json").write_text(json.dumps(row, ensure_ascii=False), encoding="utf-8")
     (out / "sweep.json").write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
     for row in results:
         print(json.dumps({k: v for k, v in row.items() if k != "preference"}, ensure_ascii=False))
