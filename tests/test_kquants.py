@@ -157,3 +157,53 @@ def test_llama_order_is_loader_order():
     assert names[:2] == ["output_norm.weight", "token_embd.weight"]
     assert names.index("blk.2.attn_q.weight") < names.index("blk.10.attn_k.weight")
     assert names[2:11] == sorted(n for n in names if n.startswith("blk.0."))
+
+
+# ------------------------------------------------------------------------------------ the 04 option
+
+
+def test_unknown_gguf_type_stops_stage_04_before_any_heavy_work(tmp_path):
+    import subprocess
+    import sys
+
+    from afinar import manifest
+    from afinar.layout import OutputLayout
+
+    layout = OutputLayout.at(tmp_path / "salida")
+    layout.root.mkdir(parents=True)
+    manifest.write(layout, {"model": {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+                            "settings": {"seed": 42, "precision": "fp32"},
+                            "stages": {"load": {"status": "done"}, "train": {"status": "done"}}})
+    script = Path(__file__).resolve().parents[1] / "04_inference_and_export.py"
+    proc = subprocess.run([sys.executable, str(script), "--output-dir", str(layout.root), "--gguf", "q4_k_m,q4_k"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "--gguf" in proc.stderr and "q4_k" in proc.stderr and "q4_k_m" in proc.stderr  # names the option
+    assert "Cargando el modelo" not in proc.stdout  # stopped before loading anything
+    assert sorted(p.name for p in layout.root.iterdir()) == ["run.json"]
+
+
+def test_gguf_option_values():
+    from afinar.errors import UserError
+    from afinar.stage_export import _gguf_formats
+
+    assert _gguf_formats("Q4_K_M, q8_0") == ["q4_k_m", "q8_0"]
+    assert _gguf_formats("none") == []
+    with pytest.raises(UserError, match="--gguf"):
+        _gguf_formats("q4_k_s")
+
+
+def test_modelfile_and_model_card_name_the_type(tmp_path):
+    from afinar.model_card import render_model_card
+    from afinar.modelfile import modelfile_text
+
+    text = modelfile_text("./model-q4_k_m.gguf", "chatml", gguf_type=gguf_export.TYPE_DESCRIPTIONS["q4_k_m"])
+    assert text.startswith("FROM ./model-q4_k_m.gguf\n# Tipo GGUF: Q4_K_M: ")
+    assert "# Tipo GGUF" not in modelfile_text("./model-q8_0.gguf", "chatml")
+    (tmp_path / "model-q4_k_m.gguf").write_bytes(b"GGUF" + bytes(1_000_000))
+    (tmp_path / "model-q8_0.gguf").write_bytes(b"GGUF" + bytes(2_000_000))
+    (tmp_path / "Modelfile").write_text(text)
+    card = render_model_card(tmp_path, kind="gguf", manifest={"model": {"base_model": "smollm2-135m"}})
+    assert "- `model-q4_k_m.gguf` (1.0 MB) — Q4_K_M: unos 4,5 bits por peso" in card
+    assert "- `model-q8_0.gguf` (2.0 MB) — Q8_0: 8,5 bits por peso" in card
+    assert "# Tipo GGUF: Q4_K_M" in card  # the Modelfile shown in the card
