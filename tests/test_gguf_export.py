@@ -149,6 +149,23 @@ def test_export_writes_two_verified_files(exported):
 
 
 @pytest.mark.slow
+def test_q4_k_m_of_smollm2_verified_with_llama_cpp_mix(merged_dir, tmp_path):
+    (record,) = gguf_export.export_gguf(merged_dir, tmp_path, ("q4_k_m",))
+    check = record["verification"]
+    assert check["tokenizer_ids_match"] is True and check["chat_template"] is True
+    assert check["top1_agreement"] >= gguf_export.Q4_K_M_MIN_TOP1
+    assert check["relative_max_diff"] <= gguf_export.Q4_K_M_MAX_RELATIVE_DIFF
+    # 576-wide rows: K-quants fall back as in llama.cpp; only ffn_down (1536 = 6×256) stays a K-quant.
+    assert check["tensor_types"] == {"F32": 61, "Q8_0": 15, "Q5_0": 166, "Q6_K": 14, "Q4_K": 16}
+    reader, fields = _fields(Path(record["path"]))
+    assert fields["general.file_type"] == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    tensors = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert tensors["blk.0.ffn_down.weight"] == "Q6_K" and tensors["blk.3.ffn_down.weight"] == "Q4_K"
+    f16_bytes = 2 * sum(int(np.prod(t.shape)) for t in reader.tensors)
+    assert record["bytes"] < 0.45 * f16_bytes  # measured 105 MB against 271 MB in F16
+
+
+@pytest.mark.slow
 def test_f16_file_read_back_independently(exported, merged_dir):
     _, out = exported
     text = "<|im_start|>user\nExplica el papel del ARN mensajero en 3 frases.<|im_end|>\n<|im_start|>assistant\n"
