@@ -78,6 +78,16 @@ def test_result_does_not_depend_on_chunks_or_threads(monkeypatch):
         assert np.array_equal(kquants.quantize(values, type_name, threads=3), expected)
 
 
+def test_sums_add_positions_in_c_order():
+    # The byte-exact match relies on numpy summing axis 0 row after row (not pairwise) in float32.
+    rng = np.random.default_rng(5)
+    terms = (rng.standard_normal((32, 5000)) * np.exp(rng.uniform(-8, 8, (32, 5000)))).astype(np.float32)
+    expected = np.zeros(5000, dtype=np.float32)
+    for row in terms:
+        expected += row
+    assert np.array_equal(kquants._sequential_sum(terms), expected)
+
+
 def test_rows_must_fill_super_blocks():
     with pytest.raises(ValueError, match="multiple of 256"):
         kquants.quantize(np.zeros((2, 576), dtype=np.float32), "Q4_K")
