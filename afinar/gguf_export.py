@@ -77,10 +77,11 @@ def _out_types() -> dict[str, _OutType]:
 TYPE_DESCRIPTIONS = {
     "f16": "F16: 16 bits por peso, sin pérdida apreciable",
     "q8_0": "Q8_0: 8,5 bits por peso, casi sin pérdida",
-    "q5_k_m": "Q5_K_M: unos 5,5 bits por peso; las capas sensibles en Q6_K, como llama-quantize",
+    "q5_k_m": "Q5_K_M: 5,5 bits por peso en la mayoría de las matrices y 6,6 (Q6_K) en las más sensibles, "
+              "con la mezcla de llama-quantize",
     "q5_0": "Q5_0: 5,5 bits por peso",
-    "q4_k_m": "Q4_K_M: unos 4,5 bits por peso; las capas sensibles en Q6_K, como llama-quantize "
-              "(el tipo por defecto de la biblioteca de Ollama)",
+    "q4_k_m": "Q4_K_M: 4,5 bits por peso en la mayoría de las matrices y 6,6 (Q6_K) en las más sensibles, "
+              "con la mezcla de llama-quantize (el tipo por defecto de la biblioteca de Ollama)",
     "q4_0": "Q4_0: 4,5 bits por peso",
 }
 

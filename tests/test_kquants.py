@@ -214,6 +214,6 @@ def test_modelfile_and_model_card_name_the_type(tmp_path):
     (tmp_path / "model-q8_0.gguf").write_bytes(b"GGUF" + bytes(2_000_000))
     (tmp_path / "Modelfile").write_text(text)
     card = render_model_card(tmp_path, kind="gguf", manifest={"model": {"base_model": "smollm2-135m"}})
-    assert "- `model-q4_k_m.gguf` (1.0 MB) — Q4_K_M: unos 4,5 bits por peso" in card
+    assert "- `model-q4_k_m.gguf` (1.0 MB) — Q4_K_M: 4,5 bits por peso en la mayoría" in card
     assert "- `model-q8_0.gguf` (2.0 MB) — Q8_0: 8,5 bits por peso" in card
     assert "# Tipo GGUF: Q4_K_M" in card  # the Modelfile shown in the card
