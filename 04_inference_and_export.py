@@ -31,8 +31,9 @@ def parse_args(argv=None):
                         "cambios pequeños de LoRA que bfloat16 (8 bits) redondea; medido en una H200, ver "
                         "BENCHMARKS.md; es además el formato del GGUF f16)")
     p.add_argument("--gguf", default="q8_0",
-                   help="formatos GGUF separados por comas: f16, q8_0 o none (por defecto: q8_0, la mitad de tamaño "
-                        "que f16 y casi sin pérdida; listo para Ollama)")
+                   help="formatos GGUF separados por comas: f16, q8_0, q5_k_m, q5_0, q4_k_m, q4_0 o none (por "
+                        "defecto: q8_0, la mitad de tamaño que f16 y casi sin pérdida; q4_k_m es el tipo habitual "
+                        "en Ollama, más pequeño y con algo más de pérdida; listo para Ollama)")
     p.add_argument("--push", action="store_true",
                    help="subir al Hub al terminar, con --repo-id y HF_TOKEN (por defecto: no, todo queda en local)")
     p.add_argument("--push-only", action="store_true",

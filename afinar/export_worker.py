@@ -30,14 +30,15 @@ def export(layout: OutputLayout, base_path: str, merge_dtype: str, formats: list
     record = {"merge": {**merge, "path": manifest.relative(layout, layout.merged),
                         "adapter_path": manifest.relative(layout, layout.adapter)}}
     if formats:
-        from .gguf_export import export_gguf
+        from .gguf_export import TYPE_DESCRIPTIONS, export_gguf
         from .modelfile import write_modelfile
 
         print(f"Exportando GGUF ({', '.join(formats)}) ...", flush=True)
         files = export_gguf(layout.merged, layout.gguf_dir, tuple(formats))
         preferred = next((f for f in files if f["type"] == "q8_0"), files[0])
         tokenizer = AutoTokenizer.from_pretrained(layout.merged)
-        write_modelfile(Path(preferred["path"]), layout.gguf_dir / "Modelfile", tokenizer)
+        write_modelfile(Path(preferred["path"]), layout.gguf_dir / "Modelfile", tokenizer,
+                        gguf_type=TYPE_DESCRIPTIONS.get(preferred["type"]))
         record["gguf"] = [{**f, "path": manifest.relative(layout, Path(f["path"]))} for f in files]
     return record
 

@@ -1,9 +1,10 @@
-"""Write llama-architecture GGUF files (F16, Q8_0) with only the `gguf` package, and check them.
+"""Write llama-architecture GGUF files (F16, Q8_0, Q4_0, Q5_0, Q4_K_M, Q5_K_M) without llama.cpp, and check them.
 
 No llama.cpp build is needed: the converter does what llama.cpp's own one does for a Llama model
 (q/k row permutation, tied embeddings, llama3 rope factors, 1-D tensors in F32, BPE vocabulary,
 chat template), and every file is read back with transformers' GGUF loader and compared with the
-merged model before it gets its final name.
+merged model before it gets its final name. K-quants (which the `gguf` package cannot write) come
+from afinar.kquants, and the _M types use llama-quantize's choice of type per tensor (see `tensor_types`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import atomic
+from . import atomic, kquants
 from .errors import UserError
 from .merge import compare_logits, compute_logits, ensure_free_space, verification_inputs
 
@@ -37,6 +38,16 @@ F16_MAX_RELATIVE_DIFF = 0.02
 F16_MIN_TOP1 = 0.99
 Q8_0_MAX_RELATIVE_DIFF = 0.5
 Q8_0_MIN_TOP1 = 0.90
+# 4- and 5-bit types, same measure, on the base model / base + random adapter (bench/bench_export.py,
+# BENCHMARKS.md): Q5_K_M 1.29 / 1.24 with 82% / 79% agreement; Q4_K_M 1.62 / 1.26, 79% / 74%;
+# Q5_0 1.99 / 1.54, 79% / 75%; Q4_0 3.45 / 2.93, 56% / 59%. A 135M model loses a lot at 4 bits, and on
+# SmolLM2 most matrices fall back from K-quants to Q5_0/Q5_1/Q8_0 (rows of 576 values do not fill
+# 256-value super-blocks, see tensor_types). Bounds: about 10 points of agreement and 1.5× the
+# difference below/above the worst measurement; a broken layout gives under 10% agreement.
+Q5_K_M_MAX_RELATIVE_DIFF, Q5_K_M_MIN_TOP1 = 2.0, 0.70
+Q4_K_M_MAX_RELATIVE_DIFF, Q4_K_M_MIN_TOP1 = 2.5, 0.65
+Q5_0_MAX_RELATIVE_DIFF, Q5_0_MIN_TOP1 = 3.0, 0.65
+Q4_0_MAX_RELATIVE_DIFF, Q4_0_MIN_TOP1 = 5.0, 0.45
 
 
 @dataclass(frozen=True)
@@ -45,17 +56,48 @@ class _OutType:
     file_type: Any  # gguf.LlamaFileType
     max_relative_diff: float
     min_top1: float
+    mix: str | None = None  # None: every matrix in tensor_type; "_m": llama-quantize's mix; "plain": its Q4_0/Q5_0
 
 
 def _out_types() -> dict[str, _OutType]:
     import gguf
 
+    Q, F = gguf.GGMLQuantizationType, gguf.LlamaFileType
     return {
-        "f16": _OutType(gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16,
-                        F16_MAX_RELATIVE_DIFF, F16_MIN_TOP1),
-        "q8_0": _OutType(gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0,
-                         Q8_0_MAX_RELATIVE_DIFF, Q8_0_MIN_TOP1),
+        "f16": _OutType(Q.F16, F.MOSTLY_F16, F16_MAX_RELATIVE_DIFF, F16_MIN_TOP1),
+        "q8_0": _OutType(Q.Q8_0, F.MOSTLY_Q8_0, Q8_0_MAX_RELATIVE_DIFF, Q8_0_MIN_TOP1),
+        "q5_k_m": _OutType(Q.Q5_K, F.MOSTLY_Q5_K_M, Q5_K_M_MAX_RELATIVE_DIFF, Q5_K_M_MIN_TOP1, "_m"),
+        "q5_0": _OutType(Q.Q5_0, F.MOSTLY_Q5_0, Q5_0_MAX_RELATIVE_DIFF, Q5_0_MIN_TOP1, "plain"),
+        "q4_k_m": _OutType(Q.Q4_K, F.MOSTLY_Q4_K_M, Q4_K_M_MAX_RELATIVE_DIFF, Q4_K_M_MIN_TOP1, "_m"),
+        "q4_0": _OutType(Q.Q4_0, F.MOSTLY_Q4_0, Q4_0_MAX_RELATIVE_DIFF, Q4_0_MIN_TOP1, "plain"),
     }
+
+
+# What each type is, for the Modelfile and the model card (Spanish: users read it).
+TYPE_DESCRIPTIONS = {
+    "f16": "F16: 16 bits por peso, sin pérdida apreciable",
+    "q8_0": "Q8_0: 8,5 bits por peso, casi sin pérdida",
+    "q5_k_m": "Q5_K_M: 5,5 bits por peso en la mayoría de las matrices y 6,6 (Q6_K) en las más sensibles, "
+              "con la mezcla de llama-quantize",
+    "q5_0": "Q5_0: 5,5 bits por peso",
+    "q4_k_m": "Q4_K_M: 4,5 bits por peso en la mayoría de las matrices y 6,6 (Q6_K) en las más sensibles, "
+              "con la mezcla de llama-quantize (el tipo por defecto de la biblioteca de Ollama)",
+    "q4_0": "Q4_0: 4,5 bits por peso",
+}
+
+
+def check_types(types) -> list[str]:
+    """The requested --gguf types, lower-cased; UserError naming the option for an unknown one.
+
+    Cheap (no model is read), so stage 04 calls it before any heavy work.
+    """
+    known = list(TYPE_DESCRIPTIONS)
+    types = [str(t).strip().lower() for t in types if str(t).strip()]
+    bad = [t for t in types if t not in known]
+    if bad or not types:
+        raise UserError(f"Tipo GGUF no admitido en --gguf: {', '.join(bad) or '(ninguno)'}. "
+                        f"Usa alguno de: {', '.join(known)} (o none).")
+    return types
 
 
 def gguf_file_name(out_type: str) -> str:
@@ -188,15 +230,83 @@ def _plan_tensors(checkpoint: _Checkpoint, config, rope: dict[str, Any]) -> list
     return plans
 
 
-def _storage_type(plan: _TensorPlan, out: _OutType):
+def _layer_of(name: str) -> int:
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit() else -1
+
+
+def llama_order(plans: list[_TensorPlan]) -> list[_TensorPlan]:
+    """Tensors in llama.cpp's order: non-layer tensors, then layer by layer, by name within each group.
+
+    llama.cpp's model loader keeps its tensors in this order and llama-quantize writes them so; it also
+    counts attn_v tensors in this order to decide which ones get more bits.
+    """
+    return sorted(plans, key=lambda p: (_layer_of(p.name), p.name))
+
+
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama-quantize's pick of layers that keep more bits in the _M types: the first and last eighth
+    of the layers, and every third layer in between."""
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def tensor_types(plans: list[_TensorPlan], out: _OutType, n_layer: int, n_head: int = 0, n_head_kv: int = 0):
+    """{tensor name: GGML type}, the type llama.cpp's `llama-quantize` gives each tensor for this file type.
+
+    Mirrors llama_tensor_get_type for a dense Llama model without importance matrix:
+    - 1-D tensors (norms, rope_freqs) stay F32;
+    - the output matrix (token_embd when the embeddings are tied) goes to Q6_K, or to Q8_0 when its rows
+      do not fill the default type's blocks;
+    - in Q4_K_M and Q5_K_M, attn_v and ffn_down of the layers chosen by use_more_bits go to Q6_K
+      (and the other attn_v to Q5_K on a 70B model);
+    - a tensor whose rows (ne[0], the input size) are not a multiple of the block falls back as
+      llama.cpp's tensor_type_fallback does: Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0, then F16 if even that
+      does not divide. SmolLM2 (hidden 576 = 2.25×256) hits this: all matrices that read the hidden
+      state fall back, only ffn_down (rows of 1536 = 6×256) is a K-quant.
+    F16 and Q8_0 keep this project's earlier rule: every matrix in that type, F16 when rows do not fill
+    32-value blocks (llama.cpp has no fallback for Q8_0 and refuses such a tensor).
+    """
     import gguf
 
-    if len(plan.shape) == 1:
-        return gguf.GGMLQuantizationType.F32
-    block, _ = gguf.GGML_QUANT_SIZES[out.tensor_type]
-    if plan.shape[-1] % block:
-        return gguf.GGMLQuantizationType.F16  # rows that do not fill Q8_0 blocks stay in F16, as llama.cpp does
-    return out.tensor_type
+    Q = gguf.GGMLQuantizationType
+    fallback = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+
+    def fits(qtype, ncols: int) -> bool:
+        return ncols % gguf.GGML_QUANT_SIZES[qtype][0] == 0
+
+    ordered = llama_order(plans)
+    tied = not any(p.name == "output.weight" for p in ordered)
+    n_attention_wv = sum("attn_v.weight" in p.name for p in ordered)
+    is_70b = n_layer == 80 and n_head != n_head_kv  # llama.cpp's LLM_TYPE_70B for the llama architecture
+    i_attention_wv = i_ffn_down = 0
+    types = {}
+    for plan in ordered:
+        ncols = plan.shape[-1]
+        if len(plan.shape) < 2 or not plan.name.endswith("weight") or "_norm.weight" in plan.name:
+            types[plan.name] = Q.F32
+            continue
+        if out.mix is None:
+            types[plan.name] = out.tensor_type if fits(out.tensor_type, ncols) else Q.F16
+            continue
+        new = out.tensor_type
+        if plan.name == "output.weight" or (tied and plan.name == "token_embd.weight"):
+            new = Q.Q8_0 if not fits(out.tensor_type, ncols) else Q.Q6_K
+        elif "attn_v.weight" in plan.name:
+            if out.mix == "_m" and use_more_bits(i_attention_wv, n_attention_wv):
+                new = Q.Q6_K
+            elif is_70b and new == Q.Q4_K:
+                new = Q.Q5_K
+            i_attention_wv += 1
+        elif "ffn_down" in plan.name:
+            if out.mix == "_m" and use_more_bits(i_ffn_down, n_layer):
+                new = Q.Q6_K
+            i_ffn_down += 1
+        if not fits(new, ncols):
+            new = fallback.get(new, Q.F16)
+            if not fits(new, ncols):
+                new = Q.F16
+        types[plan.name] = new
+    return types
 
 
 def _stored_nbytes(plan: _TensorPlan, qtype) -> tuple[tuple[int, ...], int]:
@@ -212,15 +322,23 @@ def _stored_nbytes(plan: _TensorPlan, qtype) -> tuple[tuple[int, ...], int]:
 
 def _tensor_data(plan: _TensorPlan, checkpoint: _Checkpoint, rope: dict[str, Any], head_dim: int,
                  qtype, permute: bool) -> np.ndarray:
-    import gguf
-
     if plan.hf_key is None:
         data = llama3_rope_factors(rope, head_dim)
     else:
         data = checkpoint.get(plan.hf_key)
         if plan.permute_heads and permute:
             data = permute_qk(data, plan.permute_heads)
-    return gguf.quants.quantize(np.ascontiguousarray(data), qtype)
+    return quantize(np.ascontiguousarray(data), qtype)
+
+
+def quantize(data: np.ndarray, qtype) -> np.ndarray:
+    """Quantize like llama.cpp's reference quantizer: K-quants here, the other types with `gguf`
+    (whose Q4_0, Q5_0, Q5_1 and Q8_0 give the same bytes as ggml's; tests/test_kquants.py checks both)."""
+    import gguf
+
+    if qtype.name in kquants.BLOCK_BYTES:
+        return kquants.quantize(data, qtype.name)
+    return gguf.quants.quantize(data, qtype)
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
@@ -376,8 +494,11 @@ def _write_file(path: Path, checkpoint: _Checkpoint, plans: list[_TensorPlan], c
     _add_model_metadata(writer, config, out, rope, name)
     _add_tokenizer(writer, vocab)
     qtypes = []
+    chosen = tensor_types(plans, out, int(config.num_hidden_layers), int(config.num_attention_heads),
+                          int(config.num_key_value_heads or config.num_attention_heads))
+    plans = llama_order(plans)
     for plan in plans:
-        qtype = _storage_type(plan, out)
+        qtype = chosen[plan.name]
         shape, nbytes = _stored_nbytes(plan, qtype)
         tensor_dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}
         writer.add_tensor_info(plan.name, shape, np.dtype(tensor_dtype.get(qtype, np.uint8)), nbytes,
@@ -393,8 +514,9 @@ def _write_file(path: Path, checkpoint: _Checkpoint, plans: list[_TensorPlan], c
         os.fsync(handle.fileno())
 
 
-def estimate_bytes(plans: list[_TensorPlan], out: _OutType, vocab: dict[str, Any]) -> int:
-    tensors = sum(_stored_nbytes(p, _storage_type(p, out))[1] for p in plans)
+def estimate_bytes(plans: list[_TensorPlan], out: _OutType, vocab: dict[str, Any], n_layer: int = 0) -> int:
+    chosen = tensor_types(plans, out, n_layer)
+    tensors = sum(_stored_nbytes(p, chosen[p.name])[1] for p in plans)
     metadata = sum(len(t) + 12 for t in vocab["tokens"]) + sum(len(m) + 8 for m in vocab["merges"])
     return int((tensors + metadata) * SPACE_MARGIN)
 
@@ -414,10 +536,7 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, types: tuple[str, ..
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     known = _out_types()
-    types = [str(t).lower() for t in types]
-    bad = [t for t in types if t not in known]
-    if bad or not types:
-        raise UserError(f"Tipo GGUF no admitido: {', '.join(bad) or '(ninguno)'}. Usa alguno de: {', '.join(known)}.")
+    types = check_types(types)
     if not (model_dir / "config.json").exists():
         raise UserError(f"No existe {model_dir / 'config.json'}: ejecuta antes la fusión del adaptador.")
     config = AutoConfig.from_pretrained(model_dir)
@@ -433,7 +552,9 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, types: tuple[str, ..
         raise UserError(
             f"El tokenizador de {model_dir} no tiene plantilla de chat: el GGUF no sabría dar formato a las preguntas."
         )
-    ensure_free_space(out_dir, sum(estimate_bytes(plans, known[t], vocab) for t in types), "los ficheros GGUF")
+    layers = int(config.num_hidden_layers)
+    ensure_free_space(out_dir, sum(estimate_bytes(plans, known[t], vocab, layers) for t in types),
+                      "los ficheros GGUF")
     name = name or _default_name(config, model_dir)
 
     checker = _Checker(model_dir, tokenizer, config, vocab) if verify else None

@@ -336,6 +336,15 @@ def _usage_adapter(folder: Path, repo_id: str | None, base_model: str | None) ->
     )
 
 
+def _gguf_type_note(file_name: str) -> str:
+    """' — Q4_K_M: …' for a file named like the exporter's (model-<type>.gguf), else nothing."""
+    from .gguf_export import TYPE_DESCRIPTIONS
+
+    stem = file_name.lower().removesuffix(".gguf")
+    found = next((t for t in TYPE_DESCRIPTIONS if stem.endswith(f"-{t}")), None)
+    return f" — {TYPE_DESCRIPTIONS[found]}" if found else ""
+
+
 def _usage_gguf(folder: Path, repo_id: str | None) -> str:
     ggufs = sorted(p.name for p in folder.glob("*.gguf")) or ["modelo.gguf"]
     modelfile = folder / "Modelfile"
@@ -350,7 +359,7 @@ def _usage_gguf(folder: Path, repo_id: str | None) -> str:
         modelfile_text = f"FROM ./{ggufs[0]}"
         modelfile_part = "Crea un archivo `Modelfile` junto al GGUF con este contenido:\n\n"
     listing = "\n".join(
-        f"- `{p.name}` ({p.stat().st_size / 1e6:.1f} MB)" for p in sorted(folder.glob("*.gguf"))
+        f"- `{p.name}` ({p.stat().st_size / 1e6:.1f} MB){_gguf_type_note(p.name)}" for p in sorted(folder.glob("*.gguf"))
     ) or "- (todavía no hay archivos .gguf en esta carpeta)"
     return (
         "### Con Ollama\n\n"

@@ -67,12 +67,15 @@ def ollama_template(family: str, chat_template: str | None = None) -> str:
 
 
 def modelfile_text(gguf_relative: str, family: str, system_prompt: str = SYSTEM_PROMPT,
-                   chat_template: str | None = None) -> str:
+                   chat_template: str | None = None, gguf_type: str | None = None) -> str:
     spec = FAMILIES[family]
     if '"""' in system_prompt:
         raise UserError('El prompt de sistema no puede contener """ (delimita los bloques del Modelfile).')
-    lines = [
-        f"FROM {gguf_relative}",
+    lines = [f"FROM {gguf_relative}"]
+    if gguf_type:
+        # Ollama ignores lines starting with #; the note says which quantization the file holds.
+        lines.append(f"# Tipo GGUF: {gguf_type}")
+    lines += [
         "",
         f'TEMPLATE """{ollama_template(family, chat_template)}"""',
         "",
@@ -88,7 +91,8 @@ def modelfile_text(gguf_relative: str, family: str, system_prompt: str = SYSTEM_
     return "\n".join(lines) + "\n"
 
 
-def write_modelfile(gguf_path: str | Path, out_path: str | Path, tokenizer) -> dict[str, str]:
+def write_modelfile(gguf_path: str | Path, out_path: str | Path, tokenizer,
+                    gguf_type: str | None = None) -> dict[str, str]:
     """Write the Modelfile at `out_path`, pointing at `gguf_path` relatively so the folder can move."""
     gguf_path, out_path = Path(gguf_path), Path(out_path)
     if not gguf_path.exists():
@@ -97,5 +101,5 @@ def write_modelfile(gguf_path: str | Path, out_path: str | Path, tokenizer) -> d
     relative = relative if relative.startswith(".") else f"./{relative}"
     chat_template = getattr(tokenizer, "chat_template", None)
     family = detect_family(chat_template, tokenizer.get_vocab())
-    atomic.write_text(out_path, modelfile_text(relative, family, chat_template=chat_template))
+    atomic.write_text(out_path, modelfile_text(relative, family, chat_template=chat_template, gguf_type=gguf_type))
     return {"path": str(out_path), "from": relative, "family": family}

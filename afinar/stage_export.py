@@ -49,6 +49,13 @@ def _parts(what: str) -> tuple[str, ...]:
     return parts
 
 
+def _gguf_formats(value: str) -> list[str]:
+    from .gguf_export import check_types
+
+    formats = [f.strip().lower() for f in (value or "").split(",") if f.strip() and f.strip().lower() != "none"]
+    return check_types(formats) if formats else []
+
+
 def run_contrast(args, layout: OutputLayout, run_manifest: dict, model, tokenizer) -> dict:
     from .contrast import build_contrast
     from .generation import generate_answers
@@ -110,6 +117,7 @@ def run(args) -> dict[str, Any]:
     manifest.require_stage(run_manifest, "train", layout)
     push_access = _check_push_first(args)
     parts = _parts(args.what)
+    gguf_formats = _gguf_formats(args.gguf)  # an unknown type fails here, before the model is loaded
 
     if args.push_only:
         return {"layout": layout, "push": _push(args, layout, run_manifest, parts, push_access)}
@@ -152,8 +160,7 @@ def run(args) -> dict[str, Any]:
     if not args.no_merge:
         from .export_worker import run_in_subprocess
 
-        formats = [f.strip() for f in args.gguf.split(",") if f.strip() and f.strip() != "none"]
-        export_record.update(run_in_subprocess(layout, settings["base_path"], args.merge_dtype, formats))
+        export_record.update(run_in_subprocess(layout, settings["base_path"], args.merge_dtype, gguf_formats))
 
     _write_cards(layout, run_manifest, args.repo_id)
     export_record["seconds"] = round(time.perf_counter() - started, 1)

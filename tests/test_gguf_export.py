@@ -63,10 +63,11 @@ def _tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _tiny_llama(folder: Path, *, tie: bool = True, rope: dict | None = None) -> Path:
+def _tiny_llama(folder: Path, *, tie: bool = True, rope: dict | None = None, hidden: int = 64,
+                intermediate: int = 128, layers: int = 2) -> Path:
     tokenizer = _tiny_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384, tie_word_embeddings=tie,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
         rope_parameters=rope or {"rope_type": "default", "rope_theta": 10000.0},
@@ -76,7 +77,7 @@ def _tiny_llama(folder: Path, *, tie: bool = True, rope: dict | None = None) -> 
     with torch.no_grad():  # random init is tiny; larger weights make any layout mistake show in the logits
         for param in model.parameters():
             if param.ndim == 2:
-                param.normal_(0.0, 0.2)
+                param.normal_(0.0, 0.2 * (64 / hidden) ** 0.5)  # the same gain per layer at any width
     model.to(torch.bfloat16).save_pretrained(folder)  # bf16, like the merged model the exporter reads
     tokenizer.save_pretrained(folder)
     return folder
@@ -145,6 +146,23 @@ def test_export_writes_two_verified_files(exported):
     assert q8["top1_agreement"] >= gguf_export.Q8_0_MIN_TOP1
     assert q8["relative_max_diff"] <= gguf_export.Q8_0_MAX_RELATIVE_DIFF
     assert records[1]["bytes"] < 0.6 * records[0]["bytes"]  # Q8_0 really is 8.5 bits per weight
+
+
+@pytest.mark.slow
+def test_q4_k_m_of_smollm2_verified_with_llama_cpp_mix(merged_dir, tmp_path):
+    (record,) = gguf_export.export_gguf(merged_dir, tmp_path, ("q4_k_m",))
+    check = record["verification"]
+    assert check["tokenizer_ids_match"] is True and check["chat_template"] is True
+    assert check["top1_agreement"] >= gguf_export.Q4_K_M_MIN_TOP1
+    assert check["relative_max_diff"] <= gguf_export.Q4_K_M_MAX_RELATIVE_DIFF
+    # 576-wide rows: K-quants fall back as in llama.cpp; only ffn_down (1536 = 6×256) stays a K-quant.
+    assert check["tensor_types"] == {"F32": 61, "Q8_0": 15, "Q5_0": 166, "Q6_K": 14, "Q4_K": 16}
+    reader, fields = _fields(Path(record["path"]))
+    assert fields["general.file_type"] == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    tensors = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert tensors["blk.0.ffn_down.weight"] == "Q6_K" and tensors["blk.3.ffn_down.weight"] == "Q4_K"
+    f16_bytes = 2 * sum(int(np.prod(t.shape)) for t in reader.tensors)
+    assert record["bytes"] < 0.45 * f16_bytes  # measured 105 MB against 271 MB in F16
 
 
 @pytest.mark.slow
@@ -256,6 +274,47 @@ def test_llama3_rope_freqs_tensor(tmp_path):
     np.testing.assert_allclose(stored, gguf_export.llama3_rope_factors(rope, head_dim), rtol=1e-7)
     # All three bands of llama3 scaling appear: untouched, blended and fully divided by the factor.
     assert stored[0] == 1.0 and stored[-1] == pytest.approx(32.0) and np.any((stored > 1.0) & (stored < 32.0))
+
+
+@pytest.mark.parametrize("out_type,file_type,k_types,max_rmse", [
+    ("q4_k_m", 15, {"Q4_K", "Q6_K"}, 0.16), ("q5_k_m", 17, {"Q5_K", "Q6_K"}, 0.08),
+    ("q4_0", 2, {"Q4_0", "Q6_K"}, 0.16), ("q5_0", 8, {"Q5_0", "Q6_K"}, 0.08)])
+def test_k_quant_file_holds_the_weights_in_llama_cpp_layout(tmp_path, out_type, file_type, k_types, max_rmse):
+    # Rows of 256 values, so the K-quants themselves are used (SmolLM2's 576 falls back; tested elsewhere).
+    folder = _tiny_llama(tmp_path / "tiny", hidden=256, intermediate=512, layers=8)
+    (record,) = gguf_export.export_gguf(folder, tmp_path / "gguf", (out_type,), verify=False)
+    reader, fields = _fields(Path(record["path"]))
+    assert fields["general.file_type"] == file_type
+    assert fields["general.quantization_version"] == gguf.GGML_QUANT_VERSION
+    config, _, checkpoint, plans, _ = _tiny_pieces(folder)
+    expected = gguf_export.tensor_types(plans, gguf_export._out_types()[out_type], 8, 4, 2)
+    tensors = {t.name: t for t in reader.tensors}
+    assert list(tensors) == [p.name for p in gguf_export.llama_order(plans)]  # llama-quantize's order
+    assert {n: t.tensor_type for n, t in tensors.items()} == expected
+    assert {t.tensor_type.name for t in tensors.values()} >= k_types | {"F32"}
+    assert tensors["token_embd.weight"].tensor_type.name == "Q6_K"  # tied embeddings = output matrix
+    # Every matrix, dequantized by the gguf package, is the checkpoint's (q/k rows permuted as llama.cpp
+    # expects), within the error of its type; the bytes are those of the reference quantizer.
+    for plan in plans:
+        if len(plan.shape) < 2:
+            continue
+        original = checkpoint.get(plan.hf_key)
+        if plan.permute_heads:
+            original = gguf_export.permute_qk(original, plan.permute_heads)
+        stored = tensors[plan.name]
+        assert np.array_equal(np.asarray(stored.data), gguf_export.quantize(original, stored.tensor_type))
+        restored = gguf.quants.dequantize(np.asarray(stored.data), stored.tensor_type)
+        assert restored.shape == original.shape
+        relative_rmse = np.sqrt(np.mean((restored - original) ** 2)) / original.std()
+        assert relative_rmse < max_rmse, (plan.name, relative_rmse)
+    # transformers reads the file back into the same model (weights close to the original ones).
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file=Path(record["path"]).name,
+                                                 dtype=torch.float32).eval()
+    original = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    for key, value in model.state_dict().items():
+        if value.ndim == 2:
+            diff = (value - original[key]).pow(2).mean().sqrt() / original[key].std()
+            assert diff < max_rmse, (key, float(diff))
 
 
 def test_untied_model_keeps_its_output_matrix(tmp_path):
