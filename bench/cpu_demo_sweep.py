@@ -39,7 +39,15 @@ def split_flags(spec: str) -> tuple[str, list[str], list[str]]:
     return name, load, train
 
 
-def run_one(spec: str, out: Path, cores: str, extra_env: dict[str, str]) -> dict:
+def _stage_done(folder: Path, stage: str) -> bool:
+    try:
+        manifest = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return manifest.get("stages", {}).get(stage, {}).get("status") == "done"
+
+
+def run_one(spec: str, out: Path, cores: str, extra_env: dict[str, str], keep: bool = False) -> dict:
     name, load_flags, train_flags = split_flags(spec)
     folder = out / name
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", **extra_env}
@@ -50,7 +58,12 @@ def run_one(spec: str, out: Path, cores: str, extra_env: dict[str, str]) -> dict
         ("03", ["03_train_model.py", "--output-dir", str(folder), *train_flags]),
         ("04", ["04_inference_and_export.py", "--output-dir", str(folder), "--no-merge"]),
     ]
+    done_name = {"02": "load", "03": "train", "04": "export"}
     for stage, args in commands:
+        if keep and _stage_done(folder, done_name[stage]):
+            continue  # --keep: a later call finishes what an earlier one (cut by its time limit) left
+        if keep and stage == "03":
+            args = [*args, "--overwrite"]
         started = time.perf_counter()
         code = subprocess.run(["taskset", "-c", cores, sys.executable, *args], cwd=ROOT, env=env, stdout=log,
                               stderr=subprocess.STDOUT).returncode
@@ -85,6 +98,7 @@ def main() -> None:
     parser.add_argument("configs", nargs="+")
     parser.add_argument("--out", default="/tmp/sweep")
     parser.add_argument("--first-core", type=int, default=0)
+    parser.add_argument("--keep", action="store_true", help="no repetir las etapas ya terminadas en --out")
     parser.add_argument("--avx2", action="store_true", help="ATEN_CPU_CAPABILITY=avx2 y ONEDNN_MAX_CPU_ISA=AVX2")
     args = parser.parse_args()
     out = Path(args.out)
@@ -94,7 +108,7 @@ def main() -> None:
     with ThreadPoolExecutor(len(args.configs)) as pool:
         for i, spec in enumerate(args.configs):
             cores = f"{args.first_core + 2 * i},{args.first_core + 2 * i + 1}"
-            jobs.append(pool.submit(run_one, spec, out, cores, env))
+            jobs.append(pool.submit(run_one, spec, out, cores, env, args.keep))
     results = [job.result() for job in jobs]
     for row in results:
         (out / f"{row['name']}.json").write_text(json.dumps(row, ensure_ascii=False), encoding="utf-8")
