@@ -55,7 +55,7 @@ _ATEN_WITHOUT_BF16 = ("default", "avx2", "zvector", "sve256")
 _ONEDNN_WITHOUT_BF16 = ("sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2", "avx512_core", "avx512_core_vnni")
 
 
-def cpu_has_fast_bf16() -> bool:
+def cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """AMX or AVX-512 BF16: the CPU multiplies bf16 matrices natively, so a bf16 base is faster than fp32.
 
     False when ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA caps the kernels below those instructions.
@@ -65,7 +65,7 @@ def cpu_has_fast_bf16() -> bool:
     if os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().lower() in _ONEDNN_WITHOUT_BF16:
         return False
     try:
-        flags = open("/proc/cpuinfo", encoding="utf-8").read()
+        flags = open(cpuinfo, encoding="utf-8").read()
     except OSError:
         return False
     return " amx_bf16" in flags or " avx512_bf16" in flags

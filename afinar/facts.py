@@ -21,7 +21,7 @@ import re
 import unicodedata
 from typing import Any
 
-_SENTENCE = re.compile(r"[^.!?;\n]+")
+_SENTENCE = re.compile(r"[^.!?;:\n]+")
 _NEGATIONS = frozenset("no ni nunca jamas tampoco apenas".split())  # "apenas absorbe la verde"
 # A sentence that reports the misconception in order to deny it.
 _REPORTED = re.compile(r"\b(es|son|seria|resulta) (un |una )?(error|falso|falsa|incorrect[oa]|mito|equivocad[oa])|"

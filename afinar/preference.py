@@ -41,8 +41,12 @@ def tokenized_pairs(tokenizer, entries: Sequence[dict[str, Any]], max_seq_length
 
 def train_preference(model, tokenizer, entries: Sequence[dict[str, Any]], *, max_seq_length: int, beta: float,
                      epochs: float, learning_rate: float, batch_size: int, sft_weight: float, seed: int,
-                     precision: str = "fp32", log: Callable[[str], None] = print) -> dict[str, Any]:
-    """DPO (+ SFT on the chosen answer) over the LoRA parameters; returns the metrics for run.json."""
+                     precision: str = "fp32", max_steps: int | None = None,
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
+    """DPO (+ SFT on the chosen answer) over the LoRA parameters; returns the metrics for run.json.
+
+    max_steps (03's --max-steps, for quick runs) caps this phase's steps as it caps the SFT's.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -79,6 +83,8 @@ def train_preference(model, tokenizer, entries: Sequence[dict[str, Any]], *, max
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(pairs) / batch_size)
     total_steps = max(1, math.ceil(steps_per_epoch * epochs))
+    if max_steps:
+        total_steps = min(total_steps, max_steps)
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     # A short warm-up then a linear decay to zero, as in the SFT phase.
     warmup = max(1, round(0.1 * total_steps))
@@ -113,8 +119,8 @@ def train_preference(model, tokenizer, entries: Sequence[dict[str, Any]], *, max
             optimizer.zero_grad(set_to_none=True)
             schedule.step()
             step += 1
-            rows.append({"step": step, "loss": float(loss), "dpo": float(dpo), "sft": float(sft),
-                         "accuracy": float((margin > 0).float().mean())})
+            rows.append({"step": step, "loss": float(loss.detach()), "dpo": float(dpo.detach()),
+                         "sft": float(sft.detach()), "accuracy": float((margin.detach() > 0).float().mean())})
             if step % max(1, steps_per_epoch) == 0 or step == total_steps:
                 recent = rows[-steps_per_epoch:]
                 log(f"preference_step={step}/{total_steps} dpo={_mean(r['dpo'] for r in recent):.4f} "

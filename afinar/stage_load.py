@@ -52,6 +52,7 @@ def run(args) -> dict[str, Any]:
     probe_file = _probe_file(getattr(args, "probe_file", None))
     print(f"Dispositivo: {device.kind} ({device.name}); backend: {backend}; modelo: {model_name}", flush=True)
     display_name, base_path = modeling.resolve_model(model_name)  # before touching the output dir
+    _check_lora_layers(base_path, getattr(args, "lora_layers", None))
     prepare_output_dir(layout, args.overwrite)
 
     resolved = {key: settings.default(key, device.kind) for key in settings.TRAIN_KEYS}
@@ -106,6 +107,19 @@ def run(args) -> dict[str, Any]:
         answers_before=manifest.relative(layout, layout.answers_before),
     )
     return {"layout": layout, "rows": rows}
+
+
+def _check_lora_layers(base_path: str, lora_layers: int | None) -> None:
+    if lora_layers is None:
+        return
+    import json
+
+    try:
+        total = int(json.loads((Path(base_path) / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a hub model not yet downloaded: checked again when LoRA is added
+    if not 1 <= lora_layers <= total:
+        raise UserError(f"--lora-layers {lora_layers}: el modelo tiene {total} capas; usa un número entre 1 y {total}.")
 
 
 def _probe_file(path: str | None) -> str | None:

@@ -63,7 +63,7 @@ def _preference_phase(model, tokenizer, train_entries: list[dict], resolved: dic
     return preference.train_preference(
         model, tokenizer, train_entries, max_seq_length=resolved["max_seq_length"], beta=resolved["dpo_beta"],
         epochs=resolved["preference_epochs"], learning_rate=resolved["preference_learning_rate"],
-        batch_size=8, sft_weight=1.0, seed=resolved["seed"], precision=precision)
+        batch_size=8, sft_weight=1.0, seed=resolved["seed"], precision=precision, max_steps=resolved.get("max_steps"))
 
 
 def run(args) -> dict[str, Any]:
