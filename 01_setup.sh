@@ -34,11 +34,18 @@ echo "== Entorno: $MODE (Colab: $COLAB), $("$PY" --version 2>&1)"
 
 # --- torch ----------------------------------------------------------------------------------------------
 torch_version() { "$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || true; }
+# El índice de ruedas de CPU de PyTorch: sin él, 'pip install torch' en Linux trae la compilación con CUDA (varios
+# GB que una máquina sin GPU no usa). Si no se alcanza en unos segundos, se usa el índice por defecto.
+TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 if [ "$MODE" = cpu ]; then
-  # El torch 2.13.0 de CPU; un 'pip install torch' sin versión traería varios GB de CUDA.
   case "$(torch_version)" in
     2.13.0*) echo "== torch $(torch_version) ya instalado" ;;
-    *) echo "== Instalando torch 2.13.0 (CPU)"; "${PIP[@]}" torch==2.13.0 || fail "No se pudo instalar torch 2.13.0." ;;
+    *)
+      echo "== Instalando torch 2.13.0 para CPU (índice de CPU de PyTorch)"
+      if ! "${PIP[@]}" --timeout 15 --retries 1 --index-url "$TORCH_CPU_INDEX" torch==2.13.0 2>/dev/null; then
+        echo "   El índice de CPU de PyTorch no responde: se usa el índice por defecto de pip."
+        "${PIP[@]}" torch==2.13.0 || fail "No se pudo instalar torch 2.13.0."
+      fi ;;
   esac
 else
   [ -n "$(torch_version)" ] || fail "No hay torch con CUDA. Instala el torch de tu CUDA (https://pytorch.org) y repite."
@@ -50,8 +57,29 @@ fi
 # El torch ya instalado se fija como restricción: ninguna dependencia puede cambiarlo por otro.
 CONSTRAINTS=$(mktemp); trap 'rm -f "$CONSTRAINTS"' EXIT
 echo "torch==$(torch_version)" > "$CONSTRAINTS"
-echo "== Instalando requirements.txt"
-"${PIP[@]}" -c "$CONSTRAINTS" -r requirements.txt || fail "Falló la instalación de requirements.txt (mira el mensaje de pip arriba)."
+# Idempotente y rápido: si ya están instaladas exactamente las versiones fijadas, pip no se llama (resolver
+# de nuevo las dependencias cuesta ~30 s en una máquina de 2 núcleos y no cambia nada).
+pins_installed() {
+  "$PY" - "$@" <<'PY'
+import importlib.metadata as md, re, sys
+for path in sys.argv[1:]:
+    for line in open(path, encoding="utf-8"):
+        m = re.match(r"\s*([A-Za-z0-9_.\-]+)==([^\s;#]+)", line)
+        if not m:
+            continue
+        try:
+            if md.version(m.group(1)) != m.group(2):
+                sys.exit(1)
+        except md.PackageNotFoundError:
+            sys.exit(1)
+PY
+}
+if pins_installed requirements.txt; then
+  echo "== requirements.txt: todas las versiones fijadas ya están instaladas"
+else
+  echo "== Instalando requirements.txt"
+  "${PIP[@]}" -c "$CONSTRAINTS" -r requirements.txt || fail "Falló la instalación de requirements.txt (mira el mensaje de pip arriba)."
+fi
 
 if [ "$MODE" = cuda ]; then
   echo "== Instalando la pila de Unsloth (requirements-gpu.txt)"
@@ -68,8 +96,12 @@ fi
 
 # --- Pruebas (opcional) ---------------------------------------------------------------------------------
 if [ "$DEV" = 1 ]; then
-  echo "== Instalando dependencias de pruebas"
-  "${PIP[@]}" -c "$CONSTRAINTS" -r requirements-dev.txt
+  if pins_installed requirements-dev.txt; then
+    echo "== requirements-dev.txt: ya instalado"
+  else
+    echo "== Instalando dependencias de pruebas"
+    "${PIP[@]}" -c "$CONSTRAINTS" -r requirements-dev.txt
+  fi
   if ! command -v chromium >/dev/null 2>&1; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
       echo "== Instalando Chromium (prueba del informe HTML)"

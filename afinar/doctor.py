@@ -29,6 +29,19 @@ def _check_unsloth() -> str:
         return f"FALLA: {type(err).__name__}: {str(err)[:200]}"
 
 
+def torch_build() -> str:
+    """Which torch wheel is installed: the CPU build, or one with CUDA (GBs of libraries a CPU never uses)."""
+    try:
+        import torch
+    except ImportError:
+        return "no instalado"
+    cuda = getattr(torch.version, "cuda", None)
+    if cuda:
+        usable = "y la GPU la ve" if torch.cuda.is_available() else "pero no hay GPU: sobran varios GB"
+        return f"con CUDA {cuda} ({usable})"
+    return "para CPU (sin CUDA)"
+
+
 def main() -> int:
     device = detect_device()
     versions = library_versions()
@@ -36,6 +49,7 @@ def main() -> int:
     print("\n== Resumen del entorno")
     print(f"  dispositivo: {device.kind} ({device.name})" + (f", {device.memory_gib} GiB" if device.memory_gib else ""))
     print(f"  precisión de entrenamiento: {precision_for(device)}   Colab: {'sí' if device.colab else 'no'}")
+    print(f"  compilación de torch: {torch_build()}")
     for name in ("python", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "gguf",
                  "huggingface_hub", "bitsandbytes", "unsloth"):
         print(f"  {name:16s} {versions.get(name, '-')}")
