@@ -238,7 +238,7 @@ def validate_record(record: Any, where: str, problems: Problems, stats: CheckSta
 # --------------------------------------------------------------------------------------------------- JSON
 
 
-def _spanish_json_error(err: json.JSONDecodeError) -> str:
+def spanish_json_error(err: json.JSONDecodeError) -> str:
     return _JSON_MESSAGES.get(err.msg, f"JSON no válido ({err.msg})")
 
 
@@ -250,7 +250,7 @@ def _line_col(text: str, pos: int) -> tuple[int, int]:
 def _syntax_problem(text: str, err: json.JSONDecodeError, problems: Problems, what: str | None = None) -> None:
     line, col = _line_col(text, err.pos)
     if what is None:
-        what = _spanish_json_error(err)
+        what = spanish_json_error(err)
         # With strict=False an unterminated string runs to the end of the file, so both mean a cut file.
         if err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string"):
             what += "; el archivo termina a mitad de una entrada (¿está truncado?)"
@@ -401,7 +401,7 @@ def _read_jsonl(path: Path, problems: Problems, consume: Consumer, bom: int) -> 
             try:
                 record = _DECODER.decode(line)
             except json.JSONDecodeError as err:
-                what = _spanish_json_error(err)
+                what = spanish_json_error(err)
                 if err.pos >= len(line.rstrip()) or err.msg.startswith("Unterminated string"):
                     what = f"línea truncada: termina a mitad de un objeto JSON ({what})"
                 problems.add(f"{where}, columna {err.colno}", f"JSON no válido: {what}")

@@ -54,8 +54,13 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise UserError(f"{path} no es un JSON válido: {err.msg} (línea {err.lineno}, columna {err.colno}).") \
-            from None
+        from .data_check import spanish_json_error
+
+        raise UserError(f"{path} no es un JSON válido: {spanish_json_error(err)} (línea {err.lineno}, columna "
+                        f"{err.colno}).") from None
+    except (ValueError, RecursionError):  # an integer of more than 4,300 digits, or absurd nesting
+        raise UserError(f"{path} no es un JSON utilizable: contiene un número demasiado largo o demasiados niveles "
+                        f"de anidamiento.") from None
 
 
 def _validate_entry(path: Path, number: int, entry: Any) -> dict[str, Any]:
