@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from . import atomic, manifest, modeling, overwrite, settings
+from . import atomic, manifest, modeling, overwrite, settings, validation
 from .cli import quoted
 from .environment import detect_device, library_versions, precision_for
 from .errors import UserError
@@ -25,9 +24,7 @@ def prepare_output_dir(layout: OutputLayout, replace: bool) -> bool:
     existing = root if root.exists() else next((p for p in root.absolute().parents if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise UserError(f"--output-dir {root}: {existing} es un archivo, no una carpeta. Elige otro --output-dir.")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--output-dir {root}: no hay permiso para escribir en {existing}. Elige otro --output-dir "
-                        f"o corrige sus permisos.")
+    validation.require_writable(root)
     if root.exists() and any(root.iterdir()):
         if not replace:
             produced = ""

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import checkpoints, distributed, manifest, modeling, overwrite, settings
+from . import checkpoints, distributed, manifest, modeling, overwrite, settings, validation
 from .cli import quoted
 from .environment import detect_device
 from .errors import UserError
@@ -98,6 +98,7 @@ def run(args) -> dict[str, Any]:
     layout = OutputLayout.at(args.output_dir)
     run_manifest = manifest.read(layout)
     manifest.require_stage(run_manifest, "load", layout)
+    validation.require_writable(layout.root)
     _refuse_rerun(layout, run_manifest, args.overwrite, args.resume)
 
     print("Ajustes (heredados de la etapa 02 salvo que una opción los cambie):")

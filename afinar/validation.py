@@ -123,5 +123,20 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def require_writable(folder, option: str = "--output-dir") -> None:
+    """Refuse, before any model is loaded, a folder this process may not write into (a read-only mount, a
+    folder of another user): the failure would otherwise come after minutes of work, in English."""
+    import os
+    from pathlib import Path
+
+    from .errors import UserError
+
+    folder = Path(folder)
+    existing = folder if folder.exists() else next((p for p in folder.absolute().parents if p.exists()), None)
+    if existing is not None and existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {folder}: no hay permiso para escribir en {existing}. Elige otro {option} o "
+                        f"corrige sus permisos.")
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")

@@ -120,14 +120,63 @@ def test_failed_overwrite_restores_everything_and_an_unmoved_adapter_is_not_succ
 
 
 def test_one_step_moves_the_adapter(stage02_dir, small_dataset, tmp_path):
-    """Defect 3: with --max-steps 1 the only step ran at the warmup's learning rate of 0."""
-    out = copy_output(stage02_dir, tmp_path / "salida")
-    proc = _train(out, small_dataset, "--max-steps", "1")
+    """Defect 3: with --max-steps 1 the only step ran at the warmup's learning rate of 0. Also defect 8: in a
+    folder with spaces the next command is quoted, and no loss curve is announced when none was drawn."""
+    out = copy_output(stage02_dir, tmp_path / "salida con espacios")
+    proc = _train(out, small_dataset, "--max-steps", "1", "--logging-steps", "5")  # no step is logged
     assert proc.returncode == 0, proc.stderr[-3000:]
     initial, trained = _adapter(out / "adapter_inicial"), _adapter(out / "adapter")
     assert max(float((trained[k] - initial[k]).abs().max()) for k in trained) > 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["learning_rate"] > 0
+    assert not (out / "loss.png").exists() and "Curva de pérdida" not in proc.stdout
+    assert f"python 04_inference_and_export.py --output-dir '{out}'" in proc.stdout
+    assert _record(out)["loss_plot"] is None
+
+
+def _without_capabilities() -> list[str]:
+    """Root ignores permission bits; without its capabilities it obeys them like any user."""
+    return ["setpriv", "--bounding-set", "-all", "--inh-caps", "-all"] if os.geteuid() == 0 else []
+
+
+def _run_as_user(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([*_without_capabilities(), sys.executable, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_read_only_output_directory_is_a_spanish_message(trained_dir, small_dataset, tmp_path):
+    """Defect 4: a read-only output directory gave a PermissionError traceback."""
+    parent = tmp_path / "solo_lectura"
+    parent.mkdir()
+    out = copy_output(trained_dir, parent / "salida")
+    out.chmod(0o555)
+    parent.chmod(0o555)
+    try:
+        proc = _run_as_user("02_load_model.py", "--output-dir", str(parent / "nueva"), "--model", "smollm2-135m")
+        assert proc.returncode == 2 and "no hay permiso para escribir" in proc.stderr, proc.stderr[-3000:]
+        proc = _run_as_user("03_train_model.py", "--output-dir", str(out), "--dataset", str(small_dataset),
+                            "--overwrite", *FAST)
+        assert proc.returncode == 2 and "no hay permiso para escribir" in proc.stderr, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and "Cargando el modelo" not in proc.stdout
+    finally:
+        parent.chmod(0o755)
+        out.chmod(0o755)
+
+
+def test_failed_02_overwrite_puts_the_old_run_back(trained_dir, embedded_path, tmp_path):
+    """Defect 2 for stage 02: a failure after the old run was set aside (here a model without a chat
+    template, found only once it is loaded) leaves the old run exactly as it was."""
+    model = tmp_path / "sin_plantilla"
+    model.mkdir()
+    for item in embedded_path.iterdir():
+        if item.name != "chat_template.jinja":
+            (model / item.name).symlink_to(item)
+    out = copy_output(trained_dir, tmp_path / "salida")
+    before = _tree(out)
+    proc = run_script("02_load_model.py", "--output-dir", str(out), "--model", str(model), "--overwrite",
+                      "--precision", "fp32", check=False)
+    assert proc.returncode == 2 and "plantilla de chat" in proc.stderr, proc.stderr[-3000:]
+    assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["salida", "sin_plantilla"]  # no copy left aside
 
 
 def _popen(*args: str) -> subprocess.Popen:
