@@ -25,6 +25,14 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def discard_leftovers(paths: Iterable[Path]) -> None:
+    """Delete copies a killed run left aside, once a later run has produced what replaces them."""
+    for path in paths:
+        aside = aside_path(Path(path))
+        if aside.exists() or aside.is_symlink():
+            _remove(aside)
+
+
 @contextmanager
 def set_aside(paths: Iterable[Path]) -> Iterator[list[Path]]:
     """Move each existing path to its aside sibling; restore them if the block raises, delete them if not."""

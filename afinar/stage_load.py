@@ -89,7 +89,7 @@ def _run(args, layout, device, display_name, base_path, backend, load_in_4bit, p
                        else settings.lora_alpha_for(args.lora_r, device.kind)),
         "lora_dropout": args.lora_dropout, "precision": precision,
     })
-    if args.max_seq_length:
+    if args.max_seq_length is not None:  # 0 is refused by the parser, never replaced by the default
         resolved["max_seq_length"] = args.max_seq_length
     if args.seed is not None:
         resolved["seed"] = args.seed

@@ -183,6 +183,7 @@ def run(args) -> dict[str, Any]:
                 loss_plot=manifest.relative(layout, layout.loss_plot) if layout.loss_plot.exists() else None,
                 eval_split=manifest.relative(layout, layout.eval_split) if layout.eval_split.exists() else None,
             )
+            overwrite.discard_leftovers([layout.checkpoints, layout.metrics, layout.loss_plot])
     except Exception:
         # A failed run leaves the directory as it found it: the old outputs are back (set_aside), and
         # run.json no longer says a training is under way. A kill leaves the mark, so --resume is allowed.

@@ -266,3 +266,30 @@ def test_fuzzed_data_entries_exit_0_or_2_without_traceback(entries, as_lines, ca
     assert "Traceback" not in err
     if code == 2:
         assert "«" in err or "JSON" in err
+
+
+# ------------------------------------------------------------------------------------------ messages (defects 4, 8)
+
+
+def test_missing_manifest_suggests_a_shell_quoted_command(capsys, tmp_path):
+    out = tmp_path / "mi salida (copia)"
+    code, err = run_main("03", ["--output-dir", str(out)], capsys)
+    assert code == 2 and f"python 02_load_model.py --output-dir '{out}'" in err, err
+
+
+def test_model_path_that_does_not_exist_says_so(capsys, tmp_path):
+    """Defect 8: `--model /nonexistent` blamed the connection."""
+    code, err = run_main("02", ["--output-dir", str(tmp_path / "salida"), "--model", str(tmp_path / "no_existe"),
+                                "--questions", str(ROOT / "preguntas_contraste.json")], capsys)
+    assert code == 2 and "no existe" in err and "conexión" not in err, err
+    assert not (tmp_path / "salida").exists()
+
+
+def test_output_dir_that_is_a_file(capsys, tmp_path):
+    """Defect 4: an --output-dir that is a regular file gave a traceback in stage 02."""
+    target = tmp_path / "salida"
+    target.write_text("no soy una carpeta", encoding="utf-8")
+    code, err = run_main("02", ["--output-dir", str(target), "--model", "smollm2-135m",
+                                "--questions", str(ROOT / "preguntas_contraste.json")], capsys)
+    assert code == 2 and "es un archivo, no una carpeta" in err, err
+    assert target.read_text(encoding="utf-8") == "no soy una carpeta"
