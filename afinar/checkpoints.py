@@ -49,6 +49,9 @@ def mark_complete(checkpoint: Path) -> None:
 
 def incomplete_reason(checkpoint: Path) -> str | None:
     """Why `checkpoint` cannot be resumed from (Spanish), or None if it can."""
+    missing = [name for name in REQUIRED if not (checkpoint / name).is_file()]
+    if missing:
+        return "falta " + ", ".join(missing)
     marker = checkpoint / MARKER
     if marker.is_file():
         try:
@@ -63,9 +66,6 @@ def incomplete_reason(checkpoint: Path) -> str | None:
             if path.stat().st_size != size:
                 return f"{name} está incompleto ({path.stat().st_size} de {size} bytes)"
         return None
-    missing = [name for name in REQUIRED if not (checkpoint / name).is_file()]
-    if missing:
-        return "falta " + ", ".join(missing)
     try:
         json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
