@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic, settings, validation
+from .cli import quoted
 from .errors import UserError
 from .layout import OutputLayout
 
@@ -45,9 +46,9 @@ def read(layout: OutputLayout) -> dict[str, Any]:
     if not path.exists():
         raise UserError(
             f"No existe {path}. Ejecuta primero la etapa 02 (python 02_load_model.py "
-            f"--output-dir {_q(layout.root)}) para crear el directorio de salida."
+            f"--output-dir {quoted(layout.root)}) para crear el directorio de salida."
         )
-    redo = f"Vuelve a ejecutar la etapa 02 con --overwrite (python 02_load_model.py --output-dir {_q(layout.root)} --overwrite)."
+    redo = f"Vuelve a ejecutar la etapa 02 con --overwrite (python 02_load_model.py --output-dir {quoted(layout.root)} --overwrite)."
     if path.is_dir():
         raise UserError(f"{path} es una carpeta; debe ser el archivo JSON que escribe la etapa 02. {redo}")
     try:
@@ -71,12 +72,6 @@ def read(layout: OutputLayout) -> dict[str, Any]:
 
 SCHEMA_VERSION = 1
 _STAGE_RECORD_TEXT = ("finished_at",)
-
-
-def _q(path) -> str:
-    import shlex
-
-    return shlex.quote(str(path))
 
 
 def _kind(value: Any) -> str:
@@ -155,7 +150,7 @@ def require_stage(manifest: dict[str, Any], stage: str, layout: OutputLayout) ->
     if not record or record.get("status") != "done":
         raise UserError(
             f"Falta la etapa '{stage}' en {layout.manifest}: ejecuta antes "
-            f"python {STAGE_SCRIPTS[stage]} --output-dir {_q(layout.root)}"
+            f"python {STAGE_SCRIPTS[stage]} --output-dir {quoted(layout.root)}"
         )
     return record
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic, manifest, modeling, overwrite, settings, validation
-from .cli import quoted
 from .environment import detect_device, library_versions, precision_for
 from .errors import UserError
 from .layout import OutputLayout

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoints, distributed, manifest, modeling, overwrite, settings, validation
-from .cli import quoted
 from .environment import detect_device
 from .errors import UserError
 from .layout import OutputLayout
@@ -113,8 +112,37 @@ def run(args) -> dict[str, Any]:
     plan = engine.plan(resolved, device, resolved.get("engine") or "auto")
     _refuse_unsloth_across_processes(plan.backend)
 
+    # Everything that can be checked before reading the data has been: only now do the previous run's
+    # outputs go. A fresh start moves them aside (restored if this run fails, deleted once it succeeds);
+    # --resume keeps them, they are what it resumes from. The adapter is replaced atomically at the end.
+    # datos/ goes too: a failed run must not leave an evaluation split that overlaps the old adapter's data.
+    main = distributed.is_main_process()
+    aside = [layout.data_dir, layout.checkpoints, layout.metrics, layout.loss_plot] if main and not args.resume else []
+    if main:
+        run_manifest["train_in_progress"] = {"started_at": manifest.now_iso(), "overwrite": bool(args.overwrite)}
+        manifest.write(layout, run_manifest)
+    moved: list = []
+    try:
+        with overwrite.set_aside(aside) as moved:
+            distributed.barrier()  # no rank reads or writes before rank 0 has moved the old outputs
+            return _prepare_and_train(args, layout, run_manifest, resolved, device, main)
+    except Exception:
+        # A failed run leaves the directory as it found it: the old outputs are back (set_aside), and
+        # run.json no longer says a training is under way. A kill leaves the mark, so --resume is allowed.
+        if main:
+            run_manifest.pop("train_in_progress", None)
+            manifest.write(layout, run_manifest)
+            if moved:
+                print("Se restauraron los resultados anteriores: "
+                      + ", ".join(manifest.relative(layout, p) for p in moved) + ".")
+        raise
+
+
+def _prepare_and_train(args, layout: OutputLayout, run_manifest: dict, resolved: dict, device,
+                       main: bool) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
+    from . import engine
     from .data import prepare
     from .prompts import ensure_pad_token
 
@@ -147,51 +175,29 @@ def run(args) -> dict[str, Any]:
 
     from .training import finite_adapter, train
 
-    # Everything that can be checked without training has been: only now do the previous run's outputs go.
-    # A fresh start moves them aside (restored if this run fails, deleted once it succeeds); --resume keeps
-    # them, they are what it resumes from. The adapter itself is replaced atomically at the end.
-    main = distributed.is_main_process()
-    aside = [layout.checkpoints, layout.metrics, layout.loss_plot] if main and not args.resume else []
-    if main:
-        run_manifest["train_in_progress"] = {"started_at": manifest.now_iso(), "overwrite": bool(args.overwrite)}
-        manifest.write(layout, run_manifest)
     before = _lora_snapshot(model)
     started = time.perf_counter()
-    moved: list = []
-    try:
-        with overwrite.set_aside(aside) as moved:
-            distributed.barrier()  # no rank trains before rank 0 has moved the old checkpoints
-            metrics = train(model, tokenizer, prepared.train, layout=layout, settings=resolved, precision=precision,
-                            resume=args.resume, packing=resolved["packing"],
-                            fixed_length=plan.compile_layers, open_rows=plan.open_rows,
-                            gradient_checkpointing=plan.trainer_checkpointing)
-            metrics["engine"] = plan.as_dict()
-            if not finite_adapter(model):
-                raise UserError("El adaptador entrenado contiene NaN o infinitos: no se guarda. Baja --learning-rate.")
-            _check_it_trained(metrics, model, before, resolved["max_seq_length"])
-            if not main:
-                return {"layout": layout, "metrics": metrics}
-            modeling.save_adapter(model, tokenizer, layout.adapter, run_manifest["model"]["base_model"])
+    metrics = train(model, tokenizer, prepared.train, layout=layout, settings=resolved, precision=precision,
+                    resume=args.resume, packing=resolved["packing"],
+                    fixed_length=plan.compile_layers, open_rows=plan.open_rows,
+                    gradient_checkpointing=plan.trainer_checkpointing)
+    metrics["engine"] = plan.as_dict()
+    if not finite_adapter(model):
+        raise UserError("El adaptador entrenado contiene NaN o infinitos: no se guarda. Baja --learning-rate.")
+    _check_it_trained(metrics, model, before, resolved["max_seq_length"])
+    if not main:
+        return {"layout": layout, "metrics": metrics}
+    modeling.save_adapter(model, tokenizer, layout.adapter, run_manifest["model"]["base_model"])
 
-            run_manifest["settings"] = resolved
-            run_manifest.pop("train_in_progress", None)
-            manifest.record_stage(
-                layout, run_manifest, "train",
-                seconds=round(time.perf_counter() - started, 1), dataset=str(args.dataset), data=prepared.summary,
-                metrics=metrics, world_size=distributed.world_size(), adapter=manifest.relative(layout, layout.adapter),
-                metrics_file=manifest.relative(layout, layout.metrics),
-                loss_plot=manifest.relative(layout, layout.loss_plot) if layout.loss_plot.exists() else None,
-                eval_split=manifest.relative(layout, layout.eval_split) if layout.eval_split.exists() else None,
-            )
-            overwrite.discard_leftovers([layout.checkpoints, layout.metrics, layout.loss_plot])
-    except Exception:
-        # A failed run leaves the directory as it found it: the old outputs are back (set_aside), and
-        # run.json no longer says a training is under way. A kill leaves the mark, so --resume is allowed.
-        if main:
-            run_manifest.pop("train_in_progress", None)
-            manifest.write(layout, run_manifest)
-            if moved:
-                print("Se restauraron los resultados anteriores: "
-                      + ", ".join(manifest.relative(layout, p) for p in moved) + ".")
-        raise
+    run_manifest["settings"] = resolved
+    run_manifest.pop("train_in_progress", None)
+    manifest.record_stage(
+        layout, run_manifest, "train",
+        seconds=round(time.perf_counter() - started, 1), dataset=str(args.dataset), data=prepared.summary,
+        metrics=metrics, world_size=distributed.world_size(), adapter=manifest.relative(layout, layout.adapter),
+        metrics_file=manifest.relative(layout, layout.metrics),
+        loss_plot=manifest.relative(layout, layout.loss_plot) if layout.loss_plot.exists() else None,
+        eval_split=manifest.relative(layout, layout.eval_split) if layout.eval_split.exists() else None,
+    )
+    overwrite.discard_leftovers([layout.data_dir, layout.checkpoints, layout.metrics, layout.loss_plot])
     return {"layout": layout, "metrics": metrics}

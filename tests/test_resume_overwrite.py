@@ -222,3 +222,25 @@ def test_sigkill_at_several_points_of_a_checkpoint_save_then_resume(stage02_dir,
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert steps == sorted(set(steps)) and steps[-1] == planned
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_failed_04_overwrite_keeps_the_previous_report(trained_dir, tmp_path):
+    """Nothing on disk is lost by a failed 04 --overwrite either: here its questions file went bad after the
+    first export, which is only noticed after the model is loaded and the old report was set aside."""
+    out = copy_output(trained_dir, tmp_path / "salida")
+    run_script("04_inference_and_export.py", "--output-dir", str(out), "--no-merge")
+    before = _tree(out)
+    bad = tmp_path / "preguntas_rotas.json"
+    bad.write_text('[{"pregunta": ""}]', encoding="utf-8")
+    manifest = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    manifest["questions_file"] = str(bad)
+    (out / "run.json").write_text(json.dumps(manifest, ensure_ascii=False), encoding="utf-8")
+    proc = run_script("04_inference_and_export.py", "--output-dir", str(out), "--no-merge", "--overwrite",
+                      check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "preguntas_rotas.json" in proc.stderr, \
+        proc.stderr[-3000:]
+    after = _tree(out)
+    after.pop("run.json"), before.pop("run.json")
+    assert after == before
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["stages"]["export"] == \
+        manifest["stages"]["export"]
