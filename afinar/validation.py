@@ -95,9 +95,10 @@ def problem(name: str, value: Any) -> str | None:
     if rule.kind == "choice":
         return None if value in rule.choices else f"{_shown(value)} no vale; debe ser {rule.describe()}"
     if rule.kind == "formats":
+        choices = gguf_formats()
         parts = [p.strip() for p in str(value).split(",")] if isinstance(value, str) else None
-        if not parts or not all(parts) or any(p not in rule.choices for p in parts):
-            return f"{_shown(value)} no vale; debe ser una lista separada por comas de {', '.join(rule.choices)}"
+        if not parts or not all(parts) or any(p not in choices for p in parts):
+            return f"{_shown(value)} no vale; debe ser una lista separada por comas de {', '.join(choices)}"
         return None
     # bool is an int subclass in Python; true/false in run.json is never a count.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -111,6 +112,17 @@ def problem(name: str, value: Any) -> str | None:
     if too_low or too_high:
         return f"{_shown(value)} está fuera de rango; debe ser {rule.describe()}"
     return None
+
+
+def gguf_formats() -> tuple[str, ...]:
+    """The GGUF types the exporter writes (asked of afinar.gguf_export, so a new type is accepted here as
+    soon as it is written there), and "none"."""
+    try:
+        from .gguf_export import _out_types
+
+        return (*_out_types(), "none")
+    except ImportError:  # the gguf package missing: the export itself will say so
+        return RULES["gguf"].choices
 
 
 def _shown(value: Any) -> str:
