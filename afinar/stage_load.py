@@ -38,6 +38,11 @@ def prepare_output_dir(layout: OutputLayout, replace: bool) -> bool:
                 f"El directorio de salida {root} no está vacío.{produced} Usa --overwrite para empezar de nuevo "
                 f"(se borrará su contenido) o elige otro --output-dir."
             )
+        here = Path.cwd().resolve()
+        if root.resolve() == here or root.resolve() in here.parents:
+            # --overwrite would replace the folder this command runs in (the repository, with --output-dir .).
+            raise UserError(f"--output-dir {root} es la carpeta de trabajo o la contiene: --overwrite no la "
+                            f"vacía. Elige una carpeta propia para la salida, p. ej. --output-dir salida.")
         return True
     return False
 
@@ -63,19 +68,10 @@ def run(args) -> dict[str, Any]:
     replacing = prepare_output_dir(layout, args.overwrite)
     # The old run is moved aside, not deleted: a failure below (a model that does not load, Ctrl+C) puts it
     # back, and it is deleted only once this stage has finished.
-    with overwrite.set_aside(_old_content(layout.root) if replacing else []):
+    with overwrite.set_aside([layout.root] if replacing else []):
         layout.root.mkdir(parents=True, exist_ok=True)
         return _run(args, layout, device, display_name, base_path, backend, load_in_4bit, precision,
                     repetition_penalty, questions)
-
-
-def _old_content(root: Path) -> list[Path]:
-    """What --overwrite moves aside: the folder itself, or its entries when it holds the working directory
-    (moving that would leave this process writing into the old copy)."""
-    here = Path.cwd().resolve()
-    if root.resolve() == here or root.resolve() in here.parents:
-        return sorted(root.iterdir())
-    return [root]
 
 
 def _run(args, layout, device, display_name, base_path, backend, load_in_4bit, precision, repetition_penalty,

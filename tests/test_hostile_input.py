@@ -311,3 +311,13 @@ def test_output_dir_that_is_a_file(capsys, tmp_path):
                                 "--questions", str(ROOT / "preguntas_contraste.json")], capsys)
     assert code == 2 and "es un archivo, no una carpeta" in err, err
     assert target.read_text(encoding="utf-8") == "no soy una carpeta"
+
+
+def test_overwrite_never_empties_the_working_directory(capsys, tmp_path, monkeypatch):
+    """`02 --output-dir . --overwrite` from the repository used to delete the repository itself."""
+    (tmp_path / "mi_trabajo.txt").write_text("importante", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main("02", ["--output-dir", ".", "--overwrite", "--model", "smollm2-135m",
+                                "--questions", str(ROOT / "preguntas_contraste.json")], capsys)
+    assert code == 2 and "carpeta de trabajo" in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["mi_trabajo.txt"]
