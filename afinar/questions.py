@@ -7,6 +7,7 @@ Format: a JSON array of objects `{"pregunta": str, "palabras_clave": [str, ...],
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,9 @@ def _read_json(path: Path) -> Any:
                         f"de anidamiento.") from None
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _validate_entry(path: Path, number: int, entry: Any) -> dict[str, Any]:
     where = f"{path}, entrada {number}"
     if not isinstance(entry, dict):
@@ -74,6 +78,12 @@ def _validate_entry(path: Path, number: int, entry: Any) -> dict[str, Any]:
                         f"{', '.join(KNOWN_FIELDS)}.")
     if REQUIRED_FIELD not in entry:
         raise UserError(f"{where}: falta el campo obligatorio 'pregunta'.")
+    for name, value in entry.items():
+        texts = value if isinstance(value, list) else [value]
+        if any(isinstance(text, str) and _SURROGATE.search(text) for text in texts):
+            # Half of a UTF-16 pair (an escape such as \ud800): the tokenizer and the UTF-8 writers reject it.
+            raise UserError(f"{where}, campo '{name}': contiene un carácter no válido (la mitad de un par UTF-16 "
+                            f"sin su pareja, p. ej. \\ud800); quítalo o escribe el carácter completo.")
     question = entry[REQUIRED_FIELD]
     if not isinstance(question, str):
         raise UserError(f"{where}, campo 'pregunta': debe ser un texto y es {_json_type(question)}.")

@@ -321,3 +321,12 @@ def test_overwrite_never_empties_the_working_directory(capsys, tmp_path, monkeyp
                                 "--questions", str(ROOT / "preguntas_contraste.json")], capsys)
     assert code == 2 and "carpeta de trabajo" in err, err
     assert [p.name for p in tmp_path.iterdir()] == ["mi_trabajo.txt"]
+
+
+def test_lone_surrogate_in_a_question_is_refused_before_loading(capsys, tmp_path):
+    questions = tmp_path / "preguntas.json"
+    questions.write_text('[{"pregunta": "¿Respiran las plantas?", "palabras_clave": ["resp\\udc80"]}]',
+                         encoding="utf-8")
+    code, err = run_main("02", ["--output-dir", str(tmp_path / "salida"), "--questions", str(questions)], capsys)
+    assert code == 2 and "entrada 1, campo 'palabras_clave': contiene un carácter no válido" in err, err
+    assert not (tmp_path / "salida").exists()
