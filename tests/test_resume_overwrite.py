@@ -196,7 +196,7 @@ def test_sigkill_at_several_points_of_a_checkpoint_save_then_resume(stage02_dir,
     args = ("03_train_model.py", "--output-dir", str(out), "--dataset", str(small_dataset), *FAST,
             "--max-steps", str(planned))
     folder = out / "checkpoints"
-    complete_step, saw_partial = 0, False
+    complete_step, saw_partial, states = 0, False, []
     for kill_when in (None, "optimizer.pt", "trainer_state.json"):
         target = folder / f"checkpoint-{complete_step + 2}"  # one complete save in this run, then the kill
         proc = _popen(*args, *(("--resume",) if complete_step else ()))
@@ -207,13 +207,15 @@ def test_sigkill_at_several_points_of_a_checkpoint_save_then_resume(stage02_dir,
             time.sleep(0.002)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        states.append((kill_when or "carpeta", target.name, sorted(p.name for p in target.iterdir())))
         chosen, broken = checkpoints.newest_complete(folder)
         saw_partial |= any(path == target for path, _ in broken)
         assert chosen is not None and checkpoints.step_of(chosen) >= complete_step + 1
         assert checkpoints.step_of(chosen) <= complete_step + 2
         complete_step = checkpoints.step_of(chosen)
         assert _record(out) is None  # the stage is not recorded as finished
-    assert saw_partial, "ninguna interrupción cayó a mitad de un guardado"
+    print("estado de cada checkpoint al matar el proceso:", *states, sep="\n  ")
+    assert saw_partial, f"ninguna interrupción cayó a mitad de un guardado: {states}"
 
     proc = run_script(*args, "--resume")
     assert f"checkpoint-{complete_step} (el último checkpoint completo" in proc.stdout
