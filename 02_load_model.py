@@ -62,7 +62,7 @@ def main(argv=None):
     result = stage_load.run(args)
     layout = result["layout"]
     print(f"\nListo. Manifiesto: {layout.manifest}\nRespuestas 'antes': {layout.answers_before}\n"
-          f"Siguiente paso: python 03_train_model.py --output-dir {layout.root}")
+          f"Siguiente paso: python 03_train_model.py --output-dir {cli.quoted(layout.root)}")
 
 
 if __name__ == "__main__":

@@ -81,8 +81,9 @@ def main(argv=None):
         return
     result = stage_train.run(args)
     layout = result["layout"]
-    print(f"\nListo. Adaptador: {layout.adapter}\nMétricas: {layout.metrics}\nCurva de pérdida: {layout.loss_plot}\n"
-          f"Siguiente paso: python 04_inference_and_export.py --output-dir {layout.root}")
+    plot = f"Curva de pérdida: {layout.loss_plot}\n" if layout.loss_plot.exists() else ""
+    print(f"\nListo. Adaptador: {layout.adapter}\nMétricas: {layout.metrics}\n{plot}"
+          f"Siguiente paso: python 04_inference_and_export.py --output-dir {cli.quoted(layout.root)}")
 
 
 if __name__ == "__main__":

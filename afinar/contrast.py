@@ -245,7 +245,9 @@ def load_answers(path: str | Path) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise UserError(f"{path}, línea {number}: no es JSON válido ({err.msg}).") from None
+            from .data_check import spanish_json_error
+
+            raise UserError(f"{path}, línea {number}: no es JSON válido ({spanish_json_error(err)}).") from None
         for field, kind in (("question", str), ("text", str), ("ended_with_eos", bool)):
             if not isinstance(row, dict) or not isinstance(row.get(field), kind):
                 raise UserError(f"{path}, línea {number}, campo '{field}': falta o tiene un tipo incorrecto.")

@@ -38,9 +38,21 @@ MAX_LINE_BYTES = 16 * 1024 * 1024
 _BOM = codecs.BOM_UTF8
 _JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _parse_int(digits: str) -> int | float:
+    """Python refuses to convert integers of more than 4,300 digits (a ValueError that is no JSON error and
+    used to escape as a traceback). Such a number becomes a float (inf), so the entry is still read and
+    the field check reports it, with entry and field, like any other number where a text belongs."""
+    try:
+        return int(digits)
+    except ValueError:
+        return float(digits)
+
+
 # strict=False accepts raw control characters inside strings, so they can be removed with a notice instead
 # of rejecting an otherwise usable file.
-_DECODER = json.JSONDecoder(strict=False)
+_DECODER = json.JSONDecoder(strict=False, parse_int=_parse_int)
 
 _JSON_MESSAGES = {
     "Expecting value": "se esperaba un valor",
@@ -156,6 +168,14 @@ def clean_text(text: str) -> tuple[str, bool, bool]:
     return text, removed > 0, newlines
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(text: str) -> int | None:
+    found = _SURROGATE.search(text)
+    return found.start() if found else None
+
+
 def _check_text_field(
     record: dict, name: str, required: bool, where: str, problems: Problems
 ) -> tuple[str | None, bool, bool]:
@@ -170,6 +190,14 @@ def _check_text_field(
         return None, False, False
     if not isinstance(value, str):
         problems.add(where, f"debe ser un texto y es {_type_name(value)}", name)
+        return None, False, False
+    surrogate = _lone_surrogate(value)
+    if surrogate is not None:
+        # An escape such as \ud800 decodes to a half of a UTF-16 pair that no UTF-8 file, tokenizer or JSON
+        # writer accepts; it would fail much later, in the tokenizer or when run.json is written.
+        problems.add(where, f"contiene un carácter no válido (U+{ord(value[surrogate]):04X}, la mitad de un par "
+                            f"UTF-16 sin su pareja) en la posición {surrogate + 1}; quítalo o escribe el carácter "
+                            f"completo", name)
         return None, False, False
     value, controls, newlines = clean_text(value)
     if len(value) > MAX_FIELD_CHARS:
@@ -197,7 +225,8 @@ def validate_record(record: Any, where: str, problems: Problems, stats: CheckSta
         touched_newlines |= newlines
     for name in record:
         if name not in KNOWN_FIELDS:
-            stats.extra_fields[name] += 1
+            # The name is printed in a notice: a lone surrogate in it could not be written to the terminal.
+            stats.extra_fields[name.encode("utf-8", "backslashreplace").decode("utf-8")] += 1
     if problems.total > before:
         return None
     stats.control_chars_entries += touched_controls
@@ -217,7 +246,7 @@ def validate_record(record: Any, where: str, problems: Problems, stats: CheckSta
 # --------------------------------------------------------------------------------------------------- JSON
 
 
-def _spanish_json_error(err: json.JSONDecodeError) -> str:
+def spanish_json_error(err: json.JSONDecodeError) -> str:
     return _JSON_MESSAGES.get(err.msg, f"JSON no válido ({err.msg})")
 
 
@@ -229,7 +258,7 @@ def _line_col(text: str, pos: int) -> tuple[int, int]:
 def _syntax_problem(text: str, err: json.JSONDecodeError, problems: Problems, what: str | None = None) -> None:
     line, col = _line_col(text, err.pos)
     if what is None:
-        what = _spanish_json_error(err)
+        what = spanish_json_error(err)
         # With strict=False an unterminated string runs to the end of the file, so both mean a cut file.
         if err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string"):
             what += "; el archivo termina a mitad de una entrada (¿está truncado?)"
@@ -380,7 +409,7 @@ def _read_jsonl(path: Path, problems: Problems, consume: Consumer, bom: int) -> 
             try:
                 record = _DECODER.decode(line)
             except json.JSONDecodeError as err:
-                what = _spanish_json_error(err)
+                what = spanish_json_error(err)
                 if err.pos >= len(line.rstrip()) or err.msg.startswith("Unterminated string"):
                     what = f"línea truncada: termina a mitad de un objeto JSON ({what})"
                 problems.add(f"{where}, columna {err.colno}", f"JSON no válido: {what}")

@@ -93,8 +93,12 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         raise UserError(f"No existe {path} ({what}).")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} no es un JSON válido ({err}).") from None
+    except json.JSONDecodeError as err:
+        from .data_check import spanish_json_error
+
+        raise UserError(f"{path} no es un JSON válido ({spanish_json_error(err)}, línea {err.lineno}).") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} no es un JSON válido: no está en UTF-8 (byte {err.start}).") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} debería contener un objeto JSON.")
     return data

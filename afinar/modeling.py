@@ -26,6 +26,11 @@ def resolve_model(name: str) -> tuple[str, str]:
         if not (path / "config.json").exists():
             raise UserError(f"La carpeta {path} no contiene config.json: no es un modelo de transformers.")
         return name, str(path.resolve())
+    if path.is_absolute() or name.startswith((".", "~")) or name.endswith("/") or name.startswith("/"):
+        # Written as a path (/datos/modelo, ./modelo, ~/modelo): a Hub id never looks like this, so the
+        # right message is that the folder does not exist, not a connection problem.
+        raise UserError(f"--model {name}: la carpeta {path} no existe. Comprueba la ruta, o usa un identificador "
+                        f"del Hub (usuario/modelo) o el modelo integrado '{embedded.EMBEDDED_ALIAS}'.")
     if name.count("/") != 1:
         raise UserError(
             f"--model {name}: no es una carpeta local ni un identificador del Hub (usuario/modelo), "

@@ -8,6 +8,7 @@ optional. `hecho` is the corrected fact the answer must state, and the error it 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,16 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise UserError(f"{path} no es un JSON válido: {err.msg} (línea {err.lineno}, columna {err.colno}).") \
-            from None
+        from .data_check import spanish_json_error
+
+        raise UserError(f"{path} no es un JSON válido: {spanish_json_error(err)} (línea {err.lineno}, columna "
+                        f"{err.colno}).") from None
+    except (ValueError, RecursionError):  # an integer of more than 4,300 digits, or absurd nesting
+        raise UserError(f"{path} no es un JSON utilizable: contiene un número demasiado largo o demasiados niveles "
+                        f"de anidamiento.") from None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _validate_entry(path: Path, number: int, entry: Any) -> dict[str, Any]:
@@ -70,6 +79,12 @@ def _validate_entry(path: Path, number: int, entry: Any) -> dict[str, Any]:
                         f"{', '.join(KNOWN_FIELDS)}.")
     if REQUIRED_FIELD not in entry:
         raise UserError(f"{where}: falta el campo obligatorio 'pregunta'.")
+    for name, value in entry.items():
+        texts = value if isinstance(value, list) else [value]
+        if any(isinstance(text, str) and _SURROGATE.search(text) for text in texts):
+            # Half of a UTF-16 pair (an escape such as \ud800): the tokenizer and the UTF-8 writers reject it.
+            raise UserError(f"{where}, campo '{name}': contiene un carácter no válido (la mitad de un par UTF-16 "
+                            f"sin su pareja, p. ej. \\ud800); quítalo o escribe el carácter completo.")
     question = entry[REQUIRED_FIELD]
     if not isinstance(question, str):
         raise UserError(f"{where}, campo 'pregunta': debe ser un texto y es {_json_type(question)}.")

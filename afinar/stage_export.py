@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import atomic, manifest, modeling
+from . import atomic, manifest, modeling, overwrite
 from .environment import detect_device
 from .errors import UserError
 from .layout import OutputLayout
@@ -117,7 +117,7 @@ def run(args) -> dict[str, Any]:
     manifest.require_stage(run_manifest, "train", layout)
     push_access = _check_push_first(args)
     parts = _parts(args.what)
-    gguf_formats = _gguf_formats(args.gguf)  # an unknown type fails here, before the model is loaded
+    _gguf_formats(args.gguf)  # an unknown type fails here, before the model is loaded
 
     if args.push_only:
         return {"layout": layout, "push": _push(args, layout, run_manifest, parts, push_access)}
@@ -130,6 +130,8 @@ def run(args) -> dict[str, Any]:
         )
 
     settings = run_manifest["settings"]
+    if args.eval_file and not args.chat:
+        _eval_entries(layout, args.eval_file)  # a bad file is refused now, not after the 'after' answers
     device = detect_device()
     print("Cargando el modelo base con el adaptador entrenado ...", flush=True)
     model, tokenizer = modeling.build(settings, device, settings.get("precision", "fp32"), adapter_dir=layout.adapter)
@@ -144,28 +146,36 @@ def run(args) -> dict[str, Any]:
         chat(model, tokenizer, max_new_tokens=args.max_new_tokens or 300, repetition_penalty=penalty)
         return {"layout": layout}
 
-    started = time.perf_counter()
-    contrast = run_contrast(args, layout, run_manifest, model, tokenizer)
-    del model
-    _release_memory()
-    result: dict[str, Any] = {"layout": layout, "contrast": contrast}
-    export_record: dict[str, Any] = {
-        "contrast": manifest.relative(layout, layout.contrast_json),
-        "report_md": manifest.relative(layout, layout.contrast_md),
-        "report_html": manifest.relative(layout, layout.contrast_html),
-        "verdict": contrast["verdict"],
-        "perplexity": contrast["perplexity"],
-    }
+    # A repeated export (--overwrite) moves the previous one aside and deletes it only once this one is
+    # recorded: a merge or GGUF failure halfway gives the old reports and files back.
+    # Merged and GGUF files are only replaced when this run makes new ones (not with --no-merge / --gguf none).
+    previous = [layout.answers_after, layout.contrast_json, layout.contrast_md, layout.contrast_html] if record else []
+    if record and not args.no_merge:
+        previous += [layout.merged] + ([layout.gguf_dir] if _gguf_formats(args.gguf) else [])
+    with overwrite.set_aside(previous):
+        started = time.perf_counter()
+        contrast = run_contrast(args, layout, run_manifest, model, tokenizer)
+        del model
+        _release_memory()
+        result: dict[str, Any] = {"layout": layout, "contrast": contrast}
+        export_record: dict[str, Any] = {
+            "contrast": manifest.relative(layout, layout.contrast_json),
+            "report_md": manifest.relative(layout, layout.contrast_md),
+            "report_html": manifest.relative(layout, layout.contrast_html),
+            "verdict": contrast["verdict"],
+            "perplexity": contrast["perplexity"],
+        }
 
-    if not args.no_merge:
-        from .export_worker import run_in_subprocess
+        if not args.no_merge:
+            from .export_worker import run_in_subprocess
 
-        export_record.update(run_in_subprocess(layout, settings["base_path"], args.merge_dtype, gguf_formats))
+            export_record.update(run_in_subprocess(layout, settings["base_path"], args.merge_dtype,
+                                                   _gguf_formats(args.gguf)))
 
-    _write_cards(layout, run_manifest, args.repo_id)
-    export_record["seconds"] = round(time.perf_counter() - started, 1)
-    manifest.record_stage(layout, run_manifest, "export", **export_record)
-    if args.push:
+        _write_cards(layout, run_manifest, args.repo_id)
+        export_record["seconds"] = round(time.perf_counter() - started, 1)
+        manifest.record_stage(layout, run_manifest, "export", **export_record)
+    if args.push:  # after the export is recorded: a failed upload must not undo it
         result["push"] = _push(args, layout, run_manifest, parts, push_access)
     return result
 

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from . import atomic, manifest, modeling, settings
+from . import atomic, manifest, modeling, overwrite, settings, validation
 from .environment import detect_device, library_versions, precision_for
 from .errors import UserError
 from .layout import OutputLayout
 
 
-def prepare_output_dir(layout: OutputLayout, overwrite: bool) -> None:
+def prepare_output_dir(layout: OutputLayout, replace: bool) -> bool:
+    """Refuse an output directory that cannot be used; return whether its old content must be replaced.
+
+    Nothing is deleted here: the old content is only moved aside once every check has passed (run()).
+    """
     root = layout.root
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--output-dir {root}: existe y es un archivo, no una carpeta. Elige otro --output-dir.")
+    existing = root if root.exists() else next((p for p in root.absolute().parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"--output-dir {root}: {existing} es un archivo, no una carpeta. Elige otro --output-dir.")
+    validation.require_writable(root)
     if root.exists() and any(root.iterdir()):
-        if not overwrite:
+        if not replace:
             produced = ""
             if layout.manifest.exists():
                 try:
@@ -29,8 +38,13 @@ def prepare_output_dir(layout: OutputLayout, overwrite: bool) -> None:
                 f"El directorio de salida {root} no está vacío.{produced} Usa --overwrite para empezar de nuevo "
                 f"(se borrará su contenido) o elige otro --output-dir."
             )
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
+        here = Path.cwd().resolve()
+        if root.resolve() == here or root.resolve() in here.parents:
+            # --overwrite would replace the folder this command runs in (the repository, with --output-dir .).
+            raise UserError(f"--output-dir {root} es la carpeta de trabajo o la contiene: --overwrite no la "
+                            f"vacía. Elige una carpeta propia para la salida, p. ej. --output-dir salida.")
+        return True
+    return False
 
 
 def run(args) -> dict[str, Any]:
@@ -53,8 +67,17 @@ def run(args) -> dict[str, Any]:
     print(f"Dispositivo: {device.kind} ({device.name}); backend: {backend}; modelo: {model_name}", flush=True)
     display_name, base_path = modeling.resolve_model(model_name)  # before touching the output dir
     _check_lora_layers(base_path, getattr(args, "lora_layers", None))
-    prepare_output_dir(layout, args.overwrite)
+    replacing = prepare_output_dir(layout, args.overwrite)
+    # The old run is moved aside, not deleted: a failure below (a model that does not load, Ctrl+C) puts it
+    # back, and it is deleted only once this stage has finished.
+    with overwrite.set_aside([layout.root] if replacing else []):
+        layout.root.mkdir(parents=True, exist_ok=True)
+        return _run(args, layout, device, display_name, base_path, backend, load_in_4bit, precision,
+                    repetition_penalty, questions, probe_file)
 
+
+def _run(args, layout, device, display_name, base_path, backend, load_in_4bit, precision, repetition_penalty,
+         questions, probe_file) -> dict[str, Any]:
     resolved = {key: settings.default(key, device.kind) for key in settings.TRAIN_KEYS}
     resolved.update({
         "model": display_name, "base_path": base_path, "backend": backend, "load_in_4bit": load_in_4bit,
@@ -64,7 +87,7 @@ def run(args) -> dict[str, Any]:
         "lora_dropout": args.lora_dropout, "precision": precision,
         "lora_layers": getattr(args, "lora_layers", None) or settings.default("lora_layers", device.kind),
     })
-    if args.max_seq_length:
+    if args.max_seq_length is not None:  # 0 is refused by the parser, never replaced by the default
         resolved["max_seq_length"] = args.max_seq_length
     if args.seed is not None:
         resolved["seed"] = args.seed

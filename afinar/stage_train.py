@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
-from . import distributed, manifest, modeling, settings
+from . import checkpoints, distributed, manifest, modeling, overwrite, settings, validation
 from .environment import detect_device
 from .errors import UserError
 from .layout import OutputLayout
@@ -19,10 +20,59 @@ def check_only(dataset_path: str) -> str:
 
 def _refuse_rerun(layout: OutputLayout, run_manifest: dict, overwrite: bool, resume: bool) -> None:
     record = run_manifest.get("stages", {}).get("train")
-    if record and record.get("status") == "done" and not (overwrite or resume):
+    if not record or record.get("status") != "done" or overwrite:
+        return
+    if not resume:
         raise UserError(
             f"La etapa 03 ya entrenó un adaptador en {layout.adapter} ({record.get('finished_at')}). "
             f"Usa --overwrite para entrenar de nuevo desde cero."
+        )
+    # --resume continues from a checkpoint; it must not become a way round the guard above by starting over.
+    if checkpoints.newest_complete(layout.checkpoints)[0] is None:
+        raise UserError(
+            f"--resume: la etapa 03 ya terminó ({record.get('finished_at')}) y no queda ningún checkpoint completo "
+            f"en {layout.checkpoints} del que reanudar; empezar de cero sustituiría el adaptador de {layout.adapter}. "
+            f"Usa --overwrite para entrenar de nuevo desde cero."
+        )
+
+
+def _refuse_nothing_to_resume(layout: OutputLayout, resolved: dict, resume: bool) -> None:
+    """Checked before any loading: resuming at or past --max-steps has nothing left to train."""
+    if not resume or not resolved.get("max_steps"):
+        return
+    found = checkpoints.newest_complete(layout.checkpoints)[0]
+    if found is not None and checkpoints.step_of(found) >= resolved["max_steps"]:
+        raise UserError(
+            f"--resume: el último checkpoint completo ({found}) ya está en el paso {checkpoints.step_of(found)} y "
+            f"max_steps es {resolved['max_steps']}: no queda nada por entrenar. Sube --max-steps para seguir "
+            f"entrenando, o usa --overwrite para empezar de cero."
+        )
+
+
+def _lora_snapshot(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+
+
+def _check_it_trained(metrics: dict, model, before: dict, max_seq_length: int) -> None:
+    """A run that trained nothing must not end in "Listo" with the stage marked done."""
+    resumed_at = checkpoints.step_of(Path(metrics["resumed_from"])) if metrics["resumed_from"] else 0
+    new_steps = metrics["global_step"] - (resumed_at or 0)
+    # Resumed at or past the planned end, the trainer still runs one step, at learning rate 0.
+    if new_steps <= 0 or (resumed_at and resumed_at >= metrics["planned_steps"]):
+        raise UserError(
+            f"El entrenamiento no dio ningún paso (paso final {metrics['global_step']}, planificados "
+            f"{metrics['planned_steps']}"
+            + (f", reanudado desde el paso {resumed_at}" if resumed_at else "")
+            + "): no se guarda el adaptador. Sube --max-steps o --epochs, o usa --overwrite para empezar de cero."
+        )
+    import torch
+
+    after = dict(model.named_parameters())
+    if all(torch.equal(after[name].detach(), value) for name, value in before.items()):
+        raise UserError(
+            f"El entrenamiento dio {new_steps} pasos pero el adaptador no cambió: no se guarda. Suele pasar cuando "
+            f"ningún ejemplo conserva tokens de respuesta con --max-seq-length {max_seq_length} (súbelo) o con una "
+            f"--learning-rate demasiado baja."
         )
 
 
@@ -71,17 +121,14 @@ def run(args) -> dict[str, Any]:
     layout = OutputLayout.at(args.output_dir)
     run_manifest = manifest.read(layout)
     manifest.require_stage(run_manifest, "load", layout)
+    validation.require_writable(layout.root)
     _refuse_rerun(layout, run_manifest, args.overwrite, args.resume)
-    if args.overwrite and not args.resume and distributed.is_main_process():
-        import shutil
-
-        shutil.rmtree(layout.checkpoints, ignore_errors=True)
-        layout.metrics.unlink(missing_ok=True)
 
     print("Ajustes (heredados de la etapa 02 salvo que una opción los cambie):")
     recorded = run_manifest["settings"]
     overrides = {key: getattr(args, key, None) for key in settings.TRAIN_KEYS}
     resolved = {**recorded, **settings.inherit(recorded, overrides, settings.TRAIN_KEYS)}
+    _refuse_nothing_to_resume(layout, resolved, args.resume)
     device = detect_device()
     from . import engine
 
@@ -89,8 +136,37 @@ def run(args) -> dict[str, Any]:
     plan = engine.plan(resolved, device, resolved.get("engine") or "auto")
     _refuse_unsloth_across_processes(plan.backend)
 
+    # Everything that can be checked before reading the data has been: only now do the previous run's
+    # outputs go. A fresh start moves them aside (restored if this run fails, deleted once it succeeds);
+    # --resume keeps them, they are what it resumes from. The adapter is replaced atomically at the end.
+    # datos/ goes too: a failed run must not leave an evaluation split that overlaps the old adapter's data.
+    main = distributed.is_main_process()
+    aside = [layout.data_dir, layout.checkpoints, layout.metrics, layout.loss_plot] if main and not args.resume else []
+    if main:
+        run_manifest["train_in_progress"] = {"started_at": manifest.now_iso(), "overwrite": bool(args.overwrite)}
+        manifest.write(layout, run_manifest)
+    moved: list = []
+    try:
+        with overwrite.set_aside(aside) as moved:
+            distributed.barrier()  # no rank reads or writes before rank 0 has moved the old outputs
+            return _prepare_and_train(args, layout, run_manifest, resolved, device, main)
+    except Exception:
+        # A failed run leaves the directory as it found it: the old outputs are back (set_aside), and
+        # run.json no longer says a training is under way. A kill leaves the mark, so --resume is allowed.
+        if main:
+            run_manifest.pop("train_in_progress", None)
+            manifest.write(layout, run_manifest)
+            if moved:
+                print("Se restauraron los resultados anteriores: "
+                      + ", ".join(manifest.relative(layout, p) for p in moved) + ".")
+        raise
+
+
+def _prepare_and_train(args, layout: OutputLayout, run_manifest: dict, resolved: dict, device,
+                       main: bool) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
+    from . import engine
     from .data import prepare
     from .prompts import ensure_pad_token
 
@@ -102,8 +178,8 @@ def run(args) -> dict[str, Any]:
         eval_fraction=args.eval_fraction, seed=resolved["seed"], tokenizer=tokenizer,
         max_seq_length=resolved["max_seq_length"], layout=layout if distributed.is_main_process() else None,
     )
-    # Every rank builds the same ordered data; only rank 0 writes the report. The barrier also makes sure
-    # rank 0 has cleared old checkpoints (--overwrite) before anyone trains, and binds each rank to its GPU.
+    # Every rank builds the same ordered data; only rank 0 writes the report. The barrier also binds each
+    # rank to its GPU.
     distributed.barrier()
 
     plan = engine.plan(resolved, device, resolved.get("engine") or "auto",
@@ -123,6 +199,7 @@ def run(args) -> dict[str, Any]:
 
     from .training import finite_adapter, train
 
+    before = _lora_snapshot(model)
     started = time.perf_counter()
     metrics = train(model, tokenizer, prepared.train, layout=layout, settings=resolved, precision=precision,
                     resume=args.resume, packing=resolved["packing"],
@@ -132,16 +209,20 @@ def run(args) -> dict[str, Any]:
     metrics["preference"] = _preference_phase(model, tokenizer, prepared.train, resolved, device.kind, precision)
     if not finite_adapter(model):
         raise UserError("El adaptador entrenado contiene NaN o infinitos: no se guarda. Baja --learning-rate.")
-    if not distributed.is_main_process():
+    _check_it_trained(metrics, model, before, resolved["max_seq_length"])
+    if not main:
         return {"layout": layout, "metrics": metrics}
     modeling.save_adapter(model, tokenizer, layout.adapter, run_manifest["model"]["base_model"])
 
     run_manifest["settings"] = resolved
+    run_manifest.pop("train_in_progress", None)
     manifest.record_stage(
         layout, run_manifest, "train",
         seconds=round(time.perf_counter() - started, 1), dataset=str(args.dataset), data=prepared.summary,
         metrics=metrics, world_size=distributed.world_size(), adapter=manifest.relative(layout, layout.adapter),
-        metrics_file=manifest.relative(layout, layout.metrics), loss_plot=manifest.relative(layout, layout.loss_plot),
+        metrics_file=manifest.relative(layout, layout.metrics),
+        loss_plot=manifest.relative(layout, layout.loss_plot) if layout.loss_plot.exists() else None,
         eval_split=manifest.relative(layout, layout.eval_split) if layout.eval_split.exists() else None,
     )
+    overwrite.discard_leftovers([layout.data_dir, layout.checkpoints, layout.metrics, layout.loss_plot])
     return {"layout": layout, "metrics": metrics}

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
-from . import atomic, distributed
+from . import atomic, checkpoints, distributed
 from .errors import UserError
 from .layout import OutputLayout
 from .packing import Collator, pack_in_order
@@ -175,16 +176,31 @@ def _make_callbacks(layout: OutputLayout, save_minutes: float):
                 self.trainer.raise_if_nonfinite()
             return control
 
+        def on_save(self, args, state, control, **kwargs):
+            # Called once the trainer has written the whole checkpoint: the marker, last, is what makes
+            # --resume trust it (afinar.checkpoints).
+            folder = layout.checkpoints / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                checkpoints.mark_complete(folder)
+
     return MetricsCallback(), TimedCheckpointCallback()
 
 
 def last_checkpoint(layout: OutputLayout) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest *complete* checkpoint: a kill during a save leaves a partial one above it."""
+    return checkpoints.newest_complete(layout.checkpoints)[0]
 
-    if not layout.checkpoints.exists():
-        return None
-    found = get_last_checkpoint(str(layout.checkpoints))
-    return Path(found) if found else None
+
+def warmup_for(settings: dict[str, Any], examples: int, world_size: int = 1) -> float | int:
+    """The warmup ratio, unless warmup would cover every step: with a linear warmup the first step's
+    learning rate is 0, so `--max-steps 1` trained nothing and left the adapter unchanged."""
+    ratio = settings["warmup_ratio"]
+    if settings.get("max_steps"):
+        total = settings["max_steps"]
+    else:
+        per_epoch = max(1, math.ceil(examples / (settings["batch_size"] * world_size)) // settings["grad_accum"])
+        total = math.ceil(per_epoch * settings["epochs"])
+    return 0 if math.ceil(total * ratio) >= total else ratio
 
 
 def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, settings: dict[str, Any],
@@ -208,7 +224,7 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
         learning_rate=settings["learning_rate"],
         num_train_epochs=settings["epochs"],
         max_steps=max_steps,
-        warmup_steps=settings["warmup_ratio"],  # a float below 1 is a ratio of the total steps
+        warmup_steps=warmup_for(settings, len(dataset), distributed.world_size()),  # below 1: a ratio of the steps
         lr_scheduler_type="linear",
         logging_steps=settings["logging_steps"],
         save_strategy="steps",
@@ -244,11 +260,16 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
 
     resume_from = None
     if resume:
-        resume_from = last_checkpoint(layout)
+        resume_from, broken = checkpoints.newest_complete(layout.checkpoints)
+        for folder, reason in broken:
+            print(f"Se descarta {folder}: incompleto ({reason}), probablemente por una interrupción al guardarlo.")
+        if distributed.is_main_process():
+            checkpoints.remove_incomplete(broken)
+        distributed.barrier()
         if resume_from is None:
-            print("No hay checkpoints previos: el entrenamiento empieza desde el principio.")
+            print("No hay checkpoints completos: el entrenamiento empieza desde el principio.")
         else:
-            print(f"Reanudando desde {resume_from}")
+            print(f"Reanudando desde {resume_from} (el último checkpoint completo, paso {checkpoints.step_of(resume_from)})")
     started = time.perf_counter()
     try:
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

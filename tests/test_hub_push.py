@@ -58,17 +58,23 @@ main()
 
 
 def _manifest() -> dict:
+    # Every field the run.json schema requires (afinar.manifest), as stage 02 writes them.
+    base = {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "base_path": "/no/usado", "backend": "hf",
+            "load_in_4bit": False}
+    done = {"status": "done", "finished_at": "2026-01-01T00:00:00+00:00"}
     return {
-        "model": {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "backend": "hf", "load_in_4bit": False},
-        "settings": {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "max_seq_length": 256,
+        "schema": 1,
+        "model": {"base_model": base["model"], "base_path": base["base_path"], "backend": "hf", "load_in_4bit": False},
+        "settings": {**base, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "max_seq_length": 256,
                      "learning_rate": 2e-4, "epochs": 1, "max_steps": 10, "batch_size": 2, "grad_accum": 1,
-                     "seed": 42, "precision": "fp32"},
+                     "seed": 42, "warmup_ratio": 0.05, "save_steps": 50, "save_minutes": 10.0, "logging_steps": 5,
+                     "precision": "fp32"},
         "stages": {
-            "load": {"status": "done"},
-            "train": {"status": "done", "data": {"train_entries": 20, "eval_entries": 4, "long": 8, "short": 12,
-                                                 "duplicates_dropped": 1},
+            "load": dict(done),
+            "train": {**done, "data": {"train_entries": 20, "eval_entries": 4, "long": 8, "short": 12,
+                                       "duplicates_dropped": 1},
                       "metrics": {"final_loss": 1.5, "tokens_per_second": 300.0}},
-            "export": {"status": "done"},
+            "export": dict(done),
         },
     }
 
