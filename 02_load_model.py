@@ -37,9 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help=settings.help_text("seed", "semilla"))
     p.add_argument("--questions", default="preguntas_contraste.json",
                    help="preguntas de contraste (por defecto: preguntas_contraste.json)")
-    p.add_argument("--probe-file", default="sondas_errores.json",
+    p.add_argument("--probe-file", default=None,
                    help="pares (verdadera, error típico) de la sonda de errores que la etapa 04 mide antes y después; "
-                        "nunca se entrenan (por defecto: sondas_errores.json; «none» la desactiva)")
+                        "nunca se entrenan (por defecto: sondas_errores.json del proyecto; «none» la desactiva)")
     p.add_argument("--max-new-tokens", type=int, default=200,
                    help="tokens máximos por respuesta (por defecto: 200, de sobra para un párrafo; el corte delata "
                         "a un modelo que no sabe parar)")

@@ -146,10 +146,18 @@ def _check_lora_layers(base_path: str, lora_layers: int | None) -> None:
 
 
 def _probe_file(path: str | None) -> str | None:
-    """The probe file, checked now (before anything is written) and recorded for stage 04; None = no probe."""
-    if not path or path == "none":
+    """The probe file, checked now (before anything is written) and recorded for stage 04; None = no probe.
+
+    Without --probe-file, the project's own pairs (next to the scripts, whatever the working folder).
+    """
+    from .probe import DEFAULT_PROBE_FILE, load_pairs
+
+    if path == "none":
         return None
-    from .probe import load_pairs
+    if path is None:
+        path = str(Path(__file__).resolve().parents[1] / DEFAULT_PROBE_FILE)
+        if not Path(path).is_file():
+            return None
 
     load_pairs(path)
     return str(Path(path).resolve())

@@ -107,10 +107,10 @@ def test_good_after_answers_make_the_model_ready():
     before = rows([LOOPING, "The mitochondria is the powerhouse of the cell."], [False, True])
     contrast = build_contrast(QUESTIONS, before, rows(GOOD, [True, True]), 18.5, 11.2)
 
-    assert set(contrast) == {"perplexity", "questions", "aggregate", "verdict"}
+    assert set(contrast) == {"perplexity", "questions", "aggregate", "verdict", "probe"}
     assert contrast["perplexity"] == {"before": 18.5, "after": 11.2}
     first = contrast["questions"][0]
-    assert set(first) == {"question", "before", "after"}
+    assert set(first) == {"question", "fact", "before", "after"}
     assert set(first["after"]) == {"text", "ended_with_eos", "spanish_ratio", "repeated_3gram_ratio",
                                    "keyword_coverage"}
     assert first["before"]["repeated_3gram_ratio"] > 0.3 and first["after"]["repeated_3gram_ratio"] == 0.0

@@ -27,8 +27,8 @@ def test_valid_file_is_normalized(tmp_path):
     questions = load_questions(path)
     assert questions == [
         {"pregunta": "¿Qué es la fotosíntesis?", "palabras_clave": ["luz", "clorofila"],
-         "referencia": "Proceso que convierte la energía de la luz en energía química."},
-        {"pregunta": "¿Qué es una enzima?", "palabras_clave": [], "referencia": None},
+         "referencia": "Proceso que convierte la energía de la luz en energía química.", "hecho": None},
+        {"pregunta": "¿Qué es una enzima?", "palabras_clave": [], "referencia": None, "hecho": None},
     ]
 
 
