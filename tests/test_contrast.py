@@ -112,7 +112,7 @@ def test_good_after_answers_make_the_model_ready():
     first = contrast["questions"][0]
     assert set(first) == {"question", "fact", "before", "after"}
     assert set(first["after"]) == {"text", "ended_with_eos", "spanish_ratio", "repeated_3gram_ratio",
-                                   "keyword_coverage"}
+                                   "keyword_coverage", "fact"}
     assert first["before"]["repeated_3gram_ratio"] > 0.3 and first["after"]["repeated_3gram_ratio"] == 0.0
     assert contrast["aggregate"]["before"]["spanish_ratio"] < 0.8
     assert contrast["aggregate"]["after"]["spanish_ratio"] == 1.0
