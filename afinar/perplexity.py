@@ -85,20 +85,14 @@ def _tokenized(tokenizer, entry: Any, number: int, max_seq_length: int, source: 
 
 
 def _batch_nll(model, examples: list[dict[str, list[int]]], pad_id: int, device) -> tuple[float, int]:
-    import torch
     import torch.nn.functional as F
 
-    width = max(len(e["input_ids"]) for e in examples)
+    from .logprobs import right_padded
+
     # Right padding: causal attention never lets a real token see the padding after it, and positions stay 0..n.
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example["input_ids"])
-        input_ids[row, :n] = torch.tensor(example["input_ids"])
-        labels[row, :n] = torch.tensor(example["labels"])
-        attention_mask[row, :n] = 1
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+    batch = right_padded(examples, pad_id)
+    labels = batch["labels"]
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
     # Token t predicts token t+1. Only the scored positions are upcast to fp32 (a bf16 model's loss must not be
     # rounded before it is summed), which keeps memory at one vocabulary row per response token.
     targets = labels[:, 1:].to(device)
