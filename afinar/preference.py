@@ -63,28 +63,40 @@ def train_preference(model, tokenizer, entries: Sequence[dict[str, Any]], *, max
     autocast = _autocast(device, precision)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and precision == "fp16" else None
 
-    def batches(order: Sequence[int]):
-        for start in range(0, len(order), batch_size):
-            chunk = [pairs[i] for i in order[start:start + batch_size]]
-            # One forward for both sides: chosen rows first, rejected rows after.
-            yield order[start:start + batch_size], right_padded([c for c, _ in chunk] + [r for _, r in chunk], pad)
+    def batch_of(indices: Sequence[int]):
+        chunk = [pairs[i] for i in indices]
+        # One forward for both sides: chosen rows first, rejected rows after.
+        return right_padded([c for c, _ in chunk] + [r for _, r in chunk], pad)
 
-    started = time.perf_counter()
-    model.eval()
-    reference = torch.zeros(len(pairs), 2, dtype=torch.float32)
-    with torch.no_grad(), autocast:
-        for idx, batch in batches(list(range(len(pairs)))):
-            logps, _ = sequence_logps(model, batch)
-            n = len(idx)
-            reference[idx, 0] = logps[:n].float().cpu()
-            reference[idx, 1] = logps[n:].float().cpu()
-    start_accuracy = float((reference[:, 0] > reference[:, 1]).float().mean())
+    def batches(indices: Sequence[int]):
+        for start in range(0, len(indices), batch_size):
+            yield list(indices[start:start + batch_size]), batch_of(indices[start:start + batch_size])
 
+    # The whole schedule first: a shuffled order per epoch, cut into batches, as many steps as planned. A short
+    # run (--max-steps) then scores only the pairs it will visit.
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(pairs) / batch_size)
     total_steps = max(1, math.ceil(steps_per_epoch * epochs))
     if max_steps:
         total_steps = min(total_steps, max_steps)
+    schedule_idx: list[list[int]] = []
+    while len(schedule_idx) < total_steps:
+        order = torch.randperm(len(pairs), generator=generator).tolist()
+        schedule_idx += [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    schedule_idx = schedule_idx[:total_steps]
+    visited = sorted({i for chunk in schedule_idx for i in chunk})
+
+    started = time.perf_counter()
+    model.eval()
+    reference = torch.zeros(len(pairs), 2, dtype=torch.float32)
+    with torch.no_grad(), autocast:
+        for idx, batch in batches(visited):
+            logps, _ = sequence_logps(model, batch)
+            n = len(idx)
+            reference[idx, 0] = logps[:n].float().cpu()
+            reference[idx, 1] = logps[n:].float().cpu()
+    start_accuracy = float((reference[visited, 0] > reference[visited, 1]).float().mean())
+
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     # A short warm-up then a linear decay to zero, as in the SFT phase.
     warmup = max(1, round(0.1 * total_steps))
@@ -92,51 +104,48 @@ def train_preference(model, tokenizer, entries: Sequence[dict[str, Any]], *, max
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
     model.train()
     step, rows = 0, []
-    while step < total_steps:
-        order = torch.randperm(len(pairs), generator=generator).tolist()
-        for idx, batch in batches(order):
-            if step >= total_steps:
-                break
-            with autocast:
-                logps, counts = sequence_logps(model, batch)
-            n = len(idx)
-            chosen, rejected = logps[:n].float(), logps[n:].float()
-            ref = reference[idx].to(device)
-            margin = (chosen - ref[:, 0]) - (rejected - ref[:, 1])
-            dpo = -F.logsigmoid(beta * margin).mean()
-            sft = -(chosen / counts[:n].clamp(min=1)).mean()
-            loss = dpo + sft_weight * sft
-            if not torch.isfinite(loss):
-                raise UserError(f"La pérdida de preferencias dejó de ser finita en el paso {step + 1}: baja "
-                                f"--preference-learning-rate.")
-            if scaler:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-            step += 1
-            rows.append({"step": step, "loss": float(loss.detach()), "dpo": float(dpo.detach()),
-                         "sft": float(sft.detach()), "accuracy": float((margin.detach() > 0).float().mean())})
-            if step % max(1, steps_per_epoch) == 0 or step == total_steps:
-                recent = rows[-steps_per_epoch:]
-                log(f"preference_step={step}/{total_steps} dpo={_mean(r['dpo'] for r in recent):.4f} "
-                    f"sft={_mean(r['sft'] for r in recent):.4f} "
-                    f"accuracy={_mean(r['accuracy'] for r in recent):.2f}")
+    for idx in schedule_idx:
+        batch = batch_of(idx)
+        with autocast:
+            logps, counts = sequence_logps(model, batch)
+        n = len(idx)
+        chosen, rejected = logps[:n].float(), logps[n:].float()
+        ref = reference[idx].to(device)
+        margin = (chosen - ref[:, 0]) - (rejected - ref[:, 1])
+        dpo = -F.logsigmoid(beta * margin).mean()
+        sft = -(chosen / counts[:n].clamp(min=1)).mean()
+        loss = dpo + sft_weight * sft
+        if not torch.isfinite(loss):
+            raise UserError(f"La pérdida de preferencias dejó de ser finita en el paso {step + 1}: baja "
+                            f"--preference-learning-rate.")
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        step += 1
+        rows.append({"step": step, "loss": float(loss.detach()), "dpo": float(dpo.detach()),
+                     "sft": float(sft.detach()), "accuracy": float((margin.detach() > 0).float().mean())})
+        if step % max(1, steps_per_epoch) == 0 or step == total_steps:
+            recent = rows[-steps_per_epoch:]
+            log(f"preference_step={step}/{total_steps} dpo={_mean(r['dpo'] for r in recent):.4f} "
+                f"sft={_mean(r['sft'] for r in recent):.4f} "
+                f"accuracy={_mean(r['accuracy'] for r in recent):.2f}")
     model.eval()
     with torch.no_grad(), autocast:
         wins = 0
-        for idx, batch in batches(list(range(len(pairs)))):
+        for idx, batch in batches(visited):
             logps, _ = sequence_logps(model, batch)
             n = len(idx)
             wins += int((logps[:n] > logps[n:]).sum())
     return {
         "mode": "dpo", "pairs": len(pairs), "steps": total_steps, "beta": beta, "epochs": epochs,
         "learning_rate": learning_rate, "batch_size": batch_size, "sft_weight": sft_weight,
-        "train_pairs_correct_before": round(start_accuracy, 4), "train_pairs_correct_after": round(wins / len(pairs), 4),
+        "train_pairs_correct_before": round(start_accuracy, 4), "train_pairs_correct_after": round(wins / len(visited), 4),
         "final_dpo_loss": round(rows[-1]["dpo"], 5), "seconds": round(time.perf_counter() - started, 1),
     }
 
