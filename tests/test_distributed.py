@@ -19,8 +19,10 @@ from afinar.layout import OutputLayout
 from conftest import copy_output, run_script
 
 STEPS = 3
+# --preference none: these tests compare the SFT phase under DDP; the DPO phase after it runs the same on
+# every rank (tests/test_misconceptions.py covers it) and would only double the time.
 TRAIN_FLAGS = ("--max-steps", str(STEPS), "--batch-size", "1", "--max-seq-length", "256", "--eval-fraction", "0",
-               "--logging-steps", "1", "--save-steps", "2")
+               "--logging-steps", "1", "--save-steps", "2", "--preference", "none")
 # One thread per rank: the machine has 2 cores, and both runs then reduce in the same order.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
