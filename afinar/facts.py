@@ -62,7 +62,7 @@ def _stated(sentences: list[str], patterns: list[re.Pattern]) -> str | None:
 
 def check(text: str, spec: dict[str, Any]) -> dict[str, Any]:
     """{"states_fact", "states_error", "passed", "fact_sentence", "error_sentence"} for one answer."""
-    compiled = spec if spec.get("afirma") and isinstance(spec["afirma"][0], re.Pattern) else compile_spec(spec)
+    compiled = compile_spec(spec)  # re caches compiled patterns, so per-call compiling costs nothing
     sentences = _SENTENCE.findall(fold(text))
     fact = _stated(sentences, compiled["afirma"])
     error = _stated(sentences, compiled["error"])

@@ -50,26 +50,19 @@ def load_pairs(path: str | Path) -> list[dict[str, str]]:
 def score_pairs(model, tokenizer, pairs: Sequence[dict[str, str]], *, max_seq_length: int = 512,
                 batch_size: int = 8) -> list[dict[str, Any]]:
     """Per pair: log p(true), log p(false) as answers to the question, and whether the true one wins."""
-    import torch
-
     ensure_pad_token(tokenizer)
     rows = []
     for pair in pairs:
         for key in ("verdadera", "falsa"):
             rows.append(tokenize_example(tokenizer, {"instruction": pair["pregunta"], "output": pair[key]},
                                          max_seq_length))
+    from .generation import _inference  # eval mode and no autograd, restoring the previous mode
+
     scores: list[float] = []
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(rows), batch_size * 2):
-                logps, _ = sequence_logps(model, right_padded(rows[start:start + batch_size * 2],
-                                                              tokenizer.pad_token_id))
-                scores += [float(v) for v in logps.float().cpu()]
-    finally:
-        if was_training:
-            model.train()
+    with _inference(model):
+        for start in range(0, len(rows), batch_size * 2):
+            logps, _ = sequence_logps(model, right_padded(rows[start:start + batch_size * 2], tokenizer.pad_token_id))
+            scores += [float(v) for v in logps.float().cpu()]
     results = []
     for i, pair in enumerate(pairs):
         true_logp, false_logp = scores[2 * i], scores[2 * i + 1]
