@@ -1,13 +1,15 @@
 """Which training engine runs stage 03, and the settings it picks from the card's memory and capability.
 
 Three engines train the same PEFT LoRA adapter (same keys, same file):
-- "unsloth": Unsloth's kernels. The path for small cards and for fp16-only cards such as the T4: its
-  offloaded gradient checkpointing keeps a 1B model far below 12 GiB.
-- "compiled": transformers + PEFT, a frozen bf16 base, order-preserving packing with flex attention
-  (sparse document masks) and every decoder layer compiled with torch.compile (fused element-wise work
-  around the matmuls). A 4-bit base is dequantized once into bf16: QLoRA dequantizes the same nf4 values
-  to bf16 on every forward, so the numbers are the same and only the repeated work goes away; it costs
-  ~2.5 GB for a 1B model, which cards with bf16 and >= 35 GiB have to spare.
+- "compiled": transformers + PEFT, a frozen 16-bit base (bf16, or fp16 on cards without bf16 such as the
+  T4), order-preserving packing with flex attention (sparse document masks) and every decoder layer compiled
+  with torch.compile (fused element-wise work around the matmuls). A 4-bit base is dequantized once: QLoRA
+  dequantizes the same nf4 values on every forward, so the numbers are the same and only the repeated work
+  goes away; it costs ~2.5 GB for a 1B model, which fits a 16 GB card with rows of 2048 tokens (BENCHMARKS.md).
+  Where a kernel of this path does not run on the card (flex attention's Triton templates need more shared
+  memory than some older cards have), the first step falls back to SDPA, then to uncompiled layers.
+- "unsloth": Unsloth's kernels, for cards below COMPILED_MIN_GIB: its offloaded gradient checkpointing keeps
+  a 1B model within a few GiB.
 - "eager": transformers + PEFT without compiling (CPU, and any GPU when asked).
 
 On cards with row-wise scaled FP8 matmuls (Hopper and newer) the compiled engine also runs the frozen base's
@@ -23,7 +25,13 @@ from .environment import DeviceInfo
 from .errors import UserError
 
 ENGINES = ("auto", "unsloth", "compiled", "eager")
-COMPILED_MIN_GIB = 35.0  # A100-40GB reports ~39.5 GiB
+# A 16 GB T4 reports ~14.7 GiB. Below this, Unsloth (12 GB cards and smaller).
+COMPILED_MIN_GIB = 14.0
+# Triton (torch.compile, flex attention) generates code for compute capability 7.5 (T4) and newer.
+COMPILED_MIN_CAPABILITY = (7, 5)
+# The share of the card a plan may fill: a 16 GB card must stay under 12 GiB (the rest goes to the CUDA
+# context, the allocator's fragmentation and whatever else the notebook holds).
+MEMORY_SHARE = 0.8
 # Measured on an H200 at Llama-3.2-1B shape, with gradient checkpointing (TRL's SFTConfig turns it on by
 # default, and every GPU measurement so far ran with it; bench/bench_gpu_train.py, compiled engine: 9.45 GiB
 # peak for 16 rows of 2048, 17.7 GiB for 32 with the FP8 base): activation memory per token of a training
@@ -51,6 +59,7 @@ class Plan:
     open_rows: int = 1  # afinar.packing.pack_in_order: rows an example may go back to fill
     fp8_base: bool = False  # afinar.fp8: the frozen base's matmuls in e4m3
     fp8_drift: float | None = None  # relative change of the loss on the user's rows, measured before training
+    precision: str | None = None  # the compiled engine's base and autocast dtype: bf16, or fp16 without bf16
     reasons: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -63,9 +72,9 @@ class Plan:
 
 
 def _compiled_batch(memory_gib: float, max_seq_length: int) -> int:
-    """Rows per step that fit in ~80% of the card (at least 1), capped at MAX_TOKENS_PER_STEP."""
+    """Rows per step that fit in MEMORY_SHARE of the card (at least 1), capped at MAX_TOKENS_PER_STEP."""
     row = max(max_seq_length, 1)
-    budget = max(memory_gib * 0.8 - FIXED_GIB, 0.0)
+    budget = max(memory_gib * MEMORY_SHARE - FIXED_GIB, 0.0)
     rows = int(budget / (row * ACTIVATION_GIB_PER_TOKEN))
     return max(1, min(rows, max(MAX_TOKENS_PER_STEP // row, 1)))
 
@@ -89,9 +98,10 @@ def plan(settings: dict[str, Any], device: DeviceInfo, requested: str = "auto",
 
     engine = requested
     if engine == "auto":
-        if device.bf16 and memory >= COMPILED_MIN_GIB:
+        if memory >= COMPILED_MIN_GIB and compiles_here(device):
             engine = "compiled"
-            reasons.append(f"GPU con bf16 y {memory:.0f} GiB: motor compilado (el más rápido medido en la H200)")
+            reasons.append(f"GPU de {memory:.0f} GiB{'' if device.bf16 else ' sin bf16 (fp16)'}: motor compilado "
+                           f"con empaquetado (el más rápido medido, también en el plan de 16 GB)")
         elif settings.get("backend") == "unsloth":
             engine = "unsloth"
             reasons.append(f"GPU de {memory:.0f} GiB{'' if device.bf16 else ' sin bf16'}: Unsloth, la opción de "
@@ -99,13 +109,13 @@ def plan(settings: dict[str, Any], device: DeviceInfo, requested: str = "auto",
         else:
             engine = "eager"
             reasons.append("transformers + PEFT sin compilar (la etapa 02 eligió --backend hf)")
-    if engine == "compiled" and not device.bf16:
-        raise UserError(f"--engine compiled necesita bf16 y la GPU {device.name} no lo tiene (p. ej. la T4): "
-                        f"usa --engine unsloth.")
+    if engine == "compiled" and not compiles_here(device):
+        raise UserError(f"--engine compiled necesita una GPU de capacidad 7.5 o más (T4 en adelante) y "
+                        f"{device.name} tiene {device.capability}: usa --engine unsloth.")
 
     if want_fp8 and engine != "compiled":
         raise UserError(f"--fp8 solo existe en el motor compilado y este entrenamiento usa {engine}: quita --fp8 "
-                        f"o pide --engine compiled (GPU con bf16 y {COMPILED_MIN_GIB:.0f} GiB o más).")
+                        f"o pide --engine compiled (GPU con bf16 y FP8: Hopper o posterior).")
 
     if engine == "compiled":
         from . import fp8
@@ -120,6 +130,9 @@ def plan(settings: dict[str, Any], device: DeviceInfo, requested: str = "auto",
                            f"{device.capability}); LoRA, normas, atención y pérdida siguen en bf16"
                            if want_fp8 is None else "--fp8: multiplicaciones de la base congelada en e4m3")
         auto_batch = _compiled_batch(memory, settings["max_seq_length"])
+        if memory < 35:
+            reasons.append(f"{memory:.0f} GiB: la base descuantizada (~2,5 GB en un modelo 1B) y el lote caben en el "
+                           f"{MEMORY_SHARE:.0%} de la tarjeta con checkpointing")
         # Checkpointing stays on: it is what was measured (TRL's default). Without it the forward would not
         # be recomputed (~1/3 of the layers' matmuls) for several times the activation memory: not measured yet.
         reasons.append("checkpointing de gradientes: la configuración medida en la H200 (BENCHMARKS.md)")
@@ -132,7 +145,8 @@ def plan(settings: dict[str, Any], device: DeviceInfo, requested: str = "auto",
                                f"{MIN_STEPS_PER_EPOCH} pasos por época")
         return Plan("compiled", "hf", batch or auto_batch, True if packing is None else packing, True,
                     dequantize_4bit=bool(settings.get("load_in_4bit")), attn_implementation="flex_attention",
-                    compile_layers=True, open_rows=8, fp8_base=fp8_base, reasons=reasons)
+                    compile_layers=True, open_rows=8, fp8_base=fp8_base,
+                    precision="bf16" if device.bf16 else "fp16", reasons=reasons)
     # Unsloth and eager on a GPU: the seed's recipe, padded batches of 8. Unsloth checkpoints (offloaded) below
     # 24 GiB: a 16 GB card must stay under 12 GiB with rows of 2048 tokens. Eager keeps TRL's checkpointing,
     # as every GPU measurement of it did.
@@ -144,11 +158,20 @@ def plan(settings: dict[str, Any], device: DeviceInfo, requested: str = "auto",
                 checkpointing, reasons=reasons)
 
 
-def dequantize_4bit_(model) -> int:
-    """Replace every bitsandbytes 4-bit Linear by a bf16 nn.Linear holding the same dequantized values."""
+def compiles_here(device: DeviceInfo) -> bool:
+    if device.kind != "cuda" or not device.capability:
+        return False
+    major, minor = (int(part) for part in device.capability.split(".")[:2])
+    return (major, minor) >= COMPILED_MIN_CAPABILITY
+
+
+def dequantize_4bit_(model, dtype=None) -> int:
+    """Replace every bitsandbytes 4-bit Linear by a 16-bit nn.Linear (bf16 unless `dtype`) holding the same
+    dequantized values."""
     import torch
     from torch import nn
 
+    dtype = dtype or torch.bfloat16
     replaced = 0
     for name, module in list(model.named_modules()):
         weight = getattr(module, "weight", None)
@@ -157,12 +180,12 @@ def dequantize_4bit_(model) -> int:
             continue
         import bitsandbytes.functional as bnb_f
 
-        dense = bnb_f.dequantize_4bit(weight.data, state).to(torch.bfloat16)
+        dense = bnb_f.dequantize_4bit(weight.data, state).to(dtype)
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           device=dense.device, dtype=torch.bfloat16)
+                           device=dense.device, dtype=dtype)
         linear.weight = nn.Parameter(dense, requires_grad=False)
         if module.bias is not None:
-            linear.bias = nn.Parameter(module.bias.data.to(torch.bfloat16), requires_grad=False)
+            linear.bias = nn.Parameter(module.bias.data.to(dtype), requires_grad=False)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
         replaced += 1
@@ -223,6 +246,46 @@ def _use_fp8_if_it_holds_(model, plan: Plan, probe_rows: list[dict]) -> None:
 def decoder_layers(model):
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner.model.layers
+
+
+def uncompile_layers_(model) -> None:
+    """Undo compile_layers_: each layer runs its plain forward again."""
+    for layer in decoder_layers(model):
+        layer._compiled_call_impl = None  # what nn.Module.compile sets; None = the eager forward
+
+
+def kernel_fallback(model, plan: Plan):
+    """For the trainer's first step: a function that, given the error of a kernel this card cannot run, moves
+    the plan one step down (flex attention -> SDPA -> uncompiled layers) and says so, or returns False when
+    nothing is left to drop. None when the plan uses neither compiled layers nor flex attention.
+
+    Flex attention's Triton templates need more shared memory than some cards have (a T4 has 64 KiB per
+    block; pytorch/pytorch#133254), which only shows when the kernels are compiled for the real shapes, that
+    is, in the first step.
+    """
+    if not plan.compile_layers and plan.attn_implementation != "flex_attention":
+        return None
+
+    def fall_back(err: BaseException) -> bool:
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        if plan.attn_implementation == "flex_attention":
+            inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+            inner.set_attn_implementation("sdpa")  # packed rows keep their position_ids: same document masks
+            plan.attn_implementation = "sdpa"
+            instead = "atención SDPA (máscaras densas, más lenta) en lugar de flex"
+        elif plan.compile_layers:
+            uncompile_layers_(model)
+            plan.compile_layers = False
+            instead = "capas sin compilar"
+        else:
+            return False
+        note = (f"Aviso: esta GPU no pudo ejecutar el primer paso ({type(err).__name__}: {first_line}); "
+                f"se sigue con {instead}.")
+        print(note, flush=True)
+        plan.reasons.append(note)
+        return True
+
+    return fall_back
 
 
 def compile_layers_(model) -> int:

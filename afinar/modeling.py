@@ -113,7 +113,7 @@ def load_base(path: str, *, backend: str, load_in_4bit: bool, precision: str, ma
         if load_in_4bit and dequantize_4bit:
             from .engine import dequantize_4bit_
 
-            dequantize_4bit_(model)
+            dequantize_4bit_(model, _torch_dtype(precision))
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         if not load_in_4bit:
             import torch

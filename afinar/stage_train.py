@@ -186,8 +186,8 @@ def _prepare_and_train(args, layout: OutputLayout, run_manifest: dict, resolved:
                        packed_rows=(prepared.summary.get("packing") or {}).get("rows"))
     resolved.update(batch_size=plan.batch_size, packing=plan.packing)
     precision = resolved.get("precision") or "fp32"
-    if plan.engine == "compiled" and precision != "bf16":
-        precision = "bf16"  # the compiled engine trains on a bf16 base (it is only picked where bf16 exists)
+    if plan.precision:
+        precision = plan.precision  # the compiled engine trains on a 16-bit base: bf16, or fp16 on a T4
     print("Cargando el modelo con el adaptador inicial ...", flush=True)
     model, tokenizer = modeling.build(resolved, device, precision, adapter_dir=layout.initial_adapter, plan=plan)
     engine.prepare_model_(model, plan, probe_rows(prepared.train, tokenizer, resolved["max_seq_length"]))
@@ -204,7 +204,8 @@ def _prepare_and_train(args, layout: OutputLayout, run_manifest: dict, resolved:
     metrics = train(model, tokenizer, prepared.train, layout=layout, settings=resolved, precision=precision,
                     resume=args.resume, packing=resolved["packing"],
                     fixed_length=plan.compile_layers, open_rows=plan.open_rows,
-                    gradient_checkpointing=plan.trainer_checkpointing)
+                    gradient_checkpointing=plan.trainer_checkpointing,
+                    kernel_fallback=engine.kernel_fallback(model, plan))
     metrics["engine"] = plan.as_dict()
     metrics["preference"] = _preference_phase(model, tokenizer, prepared.train, resolved, device.kind, precision)
     if not finite_adapter(model):

@@ -82,6 +82,7 @@ def _make_trainer_class(loss_impl: str = "auto"):
         """SFTTrainer that keeps our data order, counts real tokens and stops on a non-finite loss."""
 
         real_tokens = 0
+        kernel_fallback = None  # afinar.engine.kernel_fallback, until the first step has run
         # On a GPU, checking each loss on the host would stall the queue once per step: the check is
         # accumulated on the device and read when the step is logged or saved (never after a bad save).
         first_bad_step = None
@@ -110,6 +111,26 @@ def _make_trainer_class(loss_impl: str = "auto"):
                 bad_now = (~finite) & (self.first_bad_step == 0)
                 self.first_bad_step = torch.where(bad_now, self.state.global_step + 1, self.first_bad_step)
             return result
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if self.kernel_fallback is None:
+                return super().training_step(model, inputs, num_items_in_batch)
+            # The first step compiles every kernel for the real shapes: where one cannot run on this card,
+            # the plan drops a level and the same batch runs again.
+            while True:
+                counted = self.real_tokens
+                try:
+                    loss = super().training_step(model, dict(inputs), num_items_in_batch)
+                except (torch.cuda.OutOfMemoryError, NonFiniteLoss):
+                    raise
+                except Exception as err:  # noqa: BLE001 - compiler and kernel errors come in many types
+                    self.real_tokens = counted
+                    model.zero_grad(set_to_none=True)
+                    if not self.kernel_fallback(err):
+                        raise
+                    continue
+                self.kernel_fallback = None
+                return loss
 
         def raise_if_nonfinite(self):
             if self.first_bad_step is not None and int(self.first_bad_step) > 0:
@@ -206,12 +227,13 @@ def warmup_for(settings: dict[str, Any], examples: int, world_size: int = 1) -> 
 def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, settings: dict[str, Any],
           precision: str, resume: bool = False, packing: bool = False, loss_impl: str = "auto",
           fixed_length: bool = False, open_rows: int = 1,
-          gradient_checkpointing: bool | None = None) -> dict[str, Any]:
+          gradient_checkpointing: bool | None = None, kernel_fallback=None) -> dict[str, Any]:
     """Run SFT and return the metrics for run.json. The adapter itself is saved by the caller.
 
     fixed_length pads every row to max_seq_length: compiled layers then see one shape and compile once.
     gradient_checkpointing: the engine plan's choice; None leaves it to TRL (on by default), for Unsloth,
-    which checkpoints in its own way.
+    which checkpoints in its own way. kernel_fallback: afinar.engine.kernel_fallback's function, tried when
+    the first step fails.
     """
     from trl import SFTConfig
 
@@ -257,6 +279,7 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
     trainer = trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                           data_collator=collator, callbacks=[metrics_cb, timed_cb])
     metrics_cb.trainer = timed_cb.trainer = trainer
+    trainer.kernel_fallback = kernel_fallback
 
     resume_from = None
     if resume:

@@ -9,12 +9,15 @@ the anchor script, so bench/run_gpu.sh can print them side by side with the anch
 Environment (all optional):
   ENGINE auto|compiled|eager|unsloth   LOAD4 1|0 (4-bit base, the seed's setting)   PRECISION bf16|fp16
   FP8 1|0 (default: the plan's, on for Hopper)   GC 1|0 (gradient checkpointing; default: the plan's)   LOSS auto|response_only   COMPILE 1|0   PACK 1|0   DEQUANT 1|0   OPEN_ROWS n   ATTN flex_attention|sdpa   BATCH (rows; default: the plan's)
-  MEM_GIB (plan as if the card had this much memory)   N_EX, WARM, STEPS, MODEL_DIR, OUT
+  MEM_GIB (plan as if the card had this much memory, and cap this process to it with
+  torch.cuda.set_per_process_memory_fraction)   EMULATE=t4 (plan as for a Colab T4: 14.7 GiB, capability 7.5,
+  no bf16 so fp16, no FP8; memory capped likewise)   N_EX, WARM, STEPS, MODEL_DIR, OUT
   CURVE=1 records the loss of every step; PROFILE=1 profiles step WARM+1 and prints a breakdown by kind.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -89,7 +92,16 @@ def profile_step(step_fn) -> dict:
 
 def main() -> None:
     device = detect_device()
+    if os.environ.get("EMULATE") == "t4":
+        # What torch reports on a Colab T4. The kernels still run on this card (Triton compiles for its
+        # architecture and shared memory): the plan and the memory are the T4's, the speed is not.
+        device = dataclasses.replace(device, name=f"Tesla T4 (emulada en {device.name})", bf16=False,
+                                     memory_gib=14.7, capability="7.5")
     memory = float(os.environ["MEM_GIB"]) if os.environ.get("MEM_GIB") else None
+    cap = memory or (device.memory_gib if os.environ.get("EMULATE") else None)
+    if cap:
+        # Enforced, not only planned: the allocator refuses anything past the smaller card's memory.
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / torch.cuda.get_device_properties(0).total_memory))
     resolved = {key: settings.default(key, "cuda") for key in settings.TRAIN_KEYS}
     resolved.update(model=MODEL_DIR, base_path=MODEL_DIR, backend="unsloth" if ENGINE == "unsloth" else "hf",
                     load_in_4bit=os.environ.get("LOAD4", "1") == "1", lora_r=16, lora_alpha=16, lora_dropout=0.0,
@@ -116,7 +128,7 @@ def main() -> None:
     if loss_impl not in training.LOSS_IMPLS:
         sys.exit(f"LOSS={loss_impl}: must be one of {training.LOSS_IMPLS} (LOSS=trl of earlier runs is now auto)")
     resolved.update(batch_size=plan.batch_size, packing=plan.packing)
-    precision = os.environ.get("PRECISION", "bf16")
+    precision = os.environ.get("PRECISION") or plan.precision or ("bf16" if device.bf16 else "fp16")
 
     t0 = time.time()
     model, tokenizer = modeling.build(resolved, device, precision, plan=plan)
@@ -172,7 +184,8 @@ def main() -> None:
         metrics = training.train(model, tokenizer, data, layout=OutputLayout.at(tmp), settings=resolved,
                                  precision=precision, packing=plan.packing, loss_impl=loss_impl,
                                  fixed_length=plan.compile_layers, open_rows=plan.open_rows,
-                                 gradient_checkpointing=plan.trainer_checkpointing)
+                                 gradient_checkpointing=plan.trainer_checkpointing,
+                                 kernel_fallback=engine.kernel_fallback(model, plan))
     # The profiled step is slower (profiler overhead): time the steps after it.
     first = WARM + (1 if profiled else 0)
     (t_a, n_a), (t_b, n_b) = stamps[first - 1], stamps[-1]
@@ -182,7 +195,8 @@ def main() -> None:
               "loss_impl": loss_impl, "open_rows": plan.open_rows, "checkpointing": plan.gradient_checkpointing, "precision": precision,
               "steps": len(stamps), "timed_steps": len(stamps) - first, "tok_per_s": round((n_b - n_a) / (t_b - t_a)),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "load_s": round(load_s, 1),
-              "batch": plan.batch_size, "plan_memory_gib": memory or device.memory_gib,
+              "batch": plan.batch_size, "plan_memory_gib": memory or device.memory_gib, "memory_cap_gib": cap,
+              "device": device.name, "reasons": plan.reasons,
               "final_loss": metrics["final_loss"], "losses": losses, "profile": profiled}
     print("RESULT", json.dumps(result), flush=True)
     if os.environ.get("OUT"):

@@ -38,20 +38,34 @@ def test_gpu_engines_are_refused_on_cpu_with_a_message(requested):
         engine.plan({"backend": "hf", "max_seq_length": 640, "batch_size": 4, "packing": True}, CPU, requested)
 
 
-def test_a_16gb_t4_keeps_unsloth_with_checkpointing_and_no_bf16_engine():
+def test_a_16gb_t4_gets_the_compiled_engine_in_fp16_within_12_gib():
+    """Issue 16: the T4 plan packs and compiles like the large cards, on an fp16 base, without FP8."""
     plan = engine.plan(gpu_settings(), T4)
+    assert plan.engine == "compiled" and plan.precision == "fp16" and not plan.fp8_base
+    assert plan.packing and plan.compile_layers and plan.gradient_checkpointing and plan.dequantize_4bit
+    assert plan.attn_implementation == "flex_attention"  # with the fallback of engine.kernel_fallback
+    estimate = engine.FIXED_GIB + plan.batch_size * 2048 * engine.ACTIVATION_GIB_PER_TOKEN
+    assert plan.batch_size >= 8 and estimate <= 12.0, (plan.batch_size, estimate)
+    with pytest.raises(UserError, match="FP8"):
+        engine.plan(gpu_settings(fp8=True), T4)
+
+
+def test_cards_below_14_gib_or_older_than_the_t4_keep_unsloth():
+    small = DeviceInfo(kind="cuda", name="RTX 3060", bf16=True, memory_gib=11.6, capability="8.6", colab=False)
+    plan = engine.plan(gpu_settings(), small)
     assert plan.engine == "unsloth" and plan.gradient_checkpointing and plan.batch_size == 8
-    assert not plan.packing and not plan.compile_layers
-    with pytest.raises(UserError, match="bf16"):
-        engine.plan(gpu_settings(), T4, "compiled")
+    v100 = DeviceInfo(kind="cuda", name="Tesla V100", bf16=False, memory_gib=15.8, capability="7.0", colab=False)
+    assert engine.plan(gpu_settings(), v100).engine == "unsloth"
+    with pytest.raises(UserError, match="7.5"):
+        engine.plan(gpu_settings(), v100, "compiled")
 
 
-def test_cards_below_40_gib_keep_unsloth():
-    assert engine.plan(gpu_settings(), L4).engine == "unsloth"
-    assert engine.plan(gpu_settings(), L4).gradient_checkpointing  # 22 GiB: below 24, checkpointing stays on
-    rtx32 = DeviceInfo(kind="cuda", name="RTX 5090", bf16=True, memory_gib=31.4, capability="12.0", colab=False)
-    assert engine.plan(gpu_settings(), rtx32).engine == "unsloth"
-    assert not engine.plan(gpu_settings(), rtx32).gradient_checkpointing
+def test_mid_size_bf16_cards_compile_in_bf16():
+    for device in (L4, DeviceInfo(kind="cuda", name="RTX 5090", bf16=True, memory_gib=31.4, capability="12.0",
+                                  colab=False)):
+        plan = engine.plan(gpu_settings(), device)
+        assert plan.engine == "compiled" and plan.precision == "bf16"
+        assert engine.FIXED_GIB + plan.batch_size * 2048 * engine.ACTIVATION_GIB_PER_TOKEN <= device.memory_gib * 0.8
 
 
 @pytest.mark.parametrize("device", [A100_40, A100_80, H200])
@@ -65,6 +79,7 @@ def test_large_bf16_cards_get_the_compiled_engine_with_a_dequantized_base(device
     estimate = engine.FIXED_GIB + plan.batch_size * 2048 * engine.ACTIVATION_GIB_PER_TOKEN
     assert estimate <= device.memory_gib * 0.8
     assert not engine.plan(gpu_settings(load_in_4bit=False), device).dequantize_4bit
+    assert plan.precision == "bf16"
 
 
 def test_small_datasets_keep_enough_steps_and_user_choices_win():
@@ -171,3 +186,55 @@ def test_compiled_layers_train_the_same_losses_as_eager(tmp_path, embedded_path)
     assert compiled == pytest.approx(eager, rel=1e-3, abs=1e-3), (eager, compiled)
     # LoRA B starts at zero: both paths moved it, by the same amount.
     assert eager_b > 0 and compiled_b == pytest.approx(eager_b, rel=1e-2)
+
+
+def _failing_backend(graph_module, example_inputs):
+    # What a card whose shared memory cannot hold a Triton template does on its first step: the compiler fails.
+    raise RuntimeError("out of resource: shared memory, Required: 81920, Hardware limit: 65536")
+
+
+def test_a_kernel_the_card_cannot_run_falls_back_on_the_first_step(tmp_path, embedded_path):
+    """Issue 16: the compiled plan's first step fails to compile (as flex attention's templates can on a T4);
+    the trainer drops to SDPA, then to uncompiled layers, retries the same batch, and trains every step."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from afinar import modeling, training
+    from afinar.layout import OutputLayout
+    from afinar.prompts import ensure_pad_token
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_path)
+    ensure_pad_token(tokenizer)
+    entries = json.loads(open("tu_dataset.json", encoding="utf-8").read())[:12]
+    settings = {"max_seq_length": 256, "learning_rate": 1e-3, "epochs": 1, "max_steps": 2, "batch_size": 2,
+                "grad_accum": 1, "seed": 0, "warmup_ratio": 0.0, "save_steps": 10**6, "save_minutes": 10**6,
+                "logging_steps": 1}
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    model = modeling.add_lora(LlamaForCausalLM(config), backend="hf", lora_r=8, lora_alpha=8, lora_dropout=0.0,
+                              seed=0)
+    for layer in engine.decoder_layers(model):
+        layer.compile(backend=_failing_backend)
+    plan = engine.Plan("compiled", "hf", 2, True, False, attn_implementation="flex_attention",
+                       compile_layers=True, open_rows=8)
+    layout = OutputLayout.at(tmp_path)
+    metrics = training.train(model, tokenizer, entries, layout=layout, settings=settings, precision="fp32",
+                             packing=True, fixed_length=True, open_rows=8,
+                             kernel_fallback=engine.kernel_fallback(model, plan))
+    assert metrics["global_step"] == 2
+    assert (plan.attn_implementation, plan.compile_layers) == ("sdpa", False)
+    assert model.get_base_model().config._attn_implementation == "sdpa"
+    assert all(layer._compiled_call_impl is None for layer in engine.decoder_layers(model))
+    assert sum("no pudo ejecutar el primer paso" in reason for reason in plan.reasons) == 2
+    losses = [json.loads(line)["loss"] for line in layout.metrics.read_text().splitlines()]
+    assert len(losses) == 2 and all(loss == loss and loss > 0 for loss in losses)
+    # Tokens are counted once per step, not once per attempt: the 4 rows of the 2 steps, exactly.
+    rows = training.build_dataset(entries, tokenizer, 256, True, 8)
+    assert metrics["real_tokens"] == sum(len(row["input_ids"]) for row in list(rows)[:4])
+
+
+def test_an_error_that_is_not_a_kernel_error_is_not_hidden():
+    """Nothing left to drop: the error reaches the user instead of looping."""
+    plan = engine.Plan("eager", "hf", 4, True, False)
+    assert engine.kernel_fallback(object(), plan) is None
