@@ -224,6 +224,17 @@ def warmup_for(settings: dict[str, Any], examples: int, world_size: int = 1) -> 
     return 0 if math.ceil(total * ratio) >= total else ratio
 
 
+def _restore_adapter_dtypes_(model, dtypes: dict) -> None:
+    """TRL 1.15's SFTTrainer casts the LoRA weights of a 4-bit model to bf16 whatever the precision. With fp16
+    (a T4, no bf16) the gradient scaler then fails on its first step ("..._unscale_cuda not implemented for
+    'BFloat16'"); with bf16 the adapter would learn in bf16 on this path only. PEFT made them fp32, as the
+    compiled and Unsloth engines keep them: put that back."""
+    for name, param in model.named_parameters():
+        wanted = dtypes.get(name)
+        if wanted is not None and param.dtype != wanted:
+            param.data = param.data.to(wanted)
+
+
 def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, settings: dict[str, Any],
           precision: str, resume: bool = False, packing: bool = False, loss_impl: str = "auto",
           fixed_length: bool = False, open_rows: int = 1,
@@ -276,8 +287,10 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
     metrics_cb, timed_cb = _make_callbacks(layout, settings["save_minutes"])
     collator = Collator(tokenizer.pad_token_id, pad_to=settings["max_seq_length"] if fixed_length else None,
                         rows=settings["batch_size"] if fixed_length else None)
+    adapter_dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
     trainer = trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                           data_collator=collator, callbacks=[metrics_cb, timed_cb])
+    _restore_adapter_dtypes_(model, adapter_dtypes)
     metrics_cb.trainer = timed_cb.trainer = trainer
     trainer.kernel_fallback = kernel_fallback
 
