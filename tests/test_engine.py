@@ -238,3 +238,31 @@ def test_an_error_that_is_not_a_kernel_error_is_not_hidden():
     """Nothing left to drop: the error reaches the user instead of looping."""
     plan = engine.Plan("eager", "hf", 4, True, False)
     assert engine.kernel_fallback(object(), plan) is None
+
+
+def test_a_4bit_model_keeps_its_adapter_in_fp32_through_trl(tmp_path, embedded_path):
+    """TRL 1.15 casts the LoRA weights of any model flagged as 4-bit to bf16; in fp16 on a T4 the gradient
+    scaler then fails on the first step. training.train puts PEFT's fp32 back (the flag is TRL's own test)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from afinar import modeling, training
+    from afinar.layout import OutputLayout
+    from afinar.prompts import ensure_pad_token
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_path)
+    ensure_pad_token(tokenizer)
+    entries = json.loads(open("tu_dataset.json", encoding="utf-8").read())[:6]
+    settings = {"max_seq_length": 128, "learning_rate": 1e-3, "epochs": 1, "max_steps": 1, "batch_size": 2,
+                "grad_accum": 1, "seed": 0, "warmup_ratio": 0.0, "save_steps": 10**6, "save_minutes": 10**6,
+                "logging_steps": 1}
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
+    model = modeling.add_lora(LlamaForCausalLM(config), backend="hf", lora_r=4, lora_alpha=4, lora_dropout=0.0,
+                              seed=0)
+    model.is_loaded_in_4bit = True  # what TRL reads to decide the cast
+    training.train(model, tokenizer, entries, layout=OutputLayout.at(tmp_path), settings=settings,
+                   precision="fp32", packing=True)
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert dtypes == {torch.float32}, dtypes
