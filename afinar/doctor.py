@@ -29,6 +29,36 @@ def _check_unsloth() -> str:
         return f"FALLA: {type(err).__name__}: {str(err)[:200]}"
 
 
+def xformers_status(device_kind: str) -> str:
+    """Whether xformers is needed and, if present, whether its kernel runs with this torch and driver.
+
+    It is not installed on purpose: on a 16 GB T4 stage 03 trains with the compiled engine (flex attention,
+    SDPA where flex cannot run), which does not call xformers. Unsloth, kept for cards under 14 GiB, calls
+    xformers when it is there and PyTorch's SDPA otherwise. A wheel built for another torch would also try to
+    replace the installed torch.
+    """
+    try:
+        import xformers
+    except ImportError:
+        if device_kind != "cuda":
+            return "no instalado (no aplica en CPU)"
+        return ("no instalado, y no hace falta: en una T4 la etapa 03 usa el motor compilado (atención flex, o "
+                "SDPA si flex no corre); Unsloth, solo en tarjetas de menos de 14 GiB, usa SDPA sin xformers")
+    version = getattr(xformers, "__version__", "?")
+    if device_kind != "cuda":
+        return f"{version} (sin uso en CPU)"
+    try:
+        import torch
+        from xformers.ops import memory_efficient_attention
+
+        q = torch.randn(1, 16, 2, 64, device="cuda", dtype=torch.float16)
+        memory_efficient_attention(q, q, q)
+        torch.cuda.synchronize()
+        return f"{version}, ok (un núcleo de atención funciona en la GPU; solo lo usa Unsloth)"
+    except Exception as err:
+        return f"{version}, FALLA: {type(err).__name__}: {str(err)[:160]} (no se usa: la etapa 03 no lo necesita)"
+
+
 def torch_build() -> str:
     """Which torch wheel is installed: the CPU build, or one with CUDA (GBs of libraries a CPU never uses)."""
     try:
@@ -58,6 +88,7 @@ def main() -> int:
         uns = _check_unsloth()
         print(f"  bitsandbytes con el controlador: {bnb}")
         print(f"  Unsloth: {uns}")
+        print(f"  xformers: {xformers_status(device.kind)}")
         if bnb.startswith("FALLA"):
             problems.append("bitsandbytes no funciona con esta CUDA: reinstala bitsandbytes==0.50.2 o usa "
                             "--no-load-in-4bit en la etapa 02.")
@@ -66,6 +97,7 @@ def main() -> int:
     else:
         from . import embedded
 
+        print(f"  xformers: {xformers_status(device.kind)}")
         ready = embedded._is_complete(embedded.checkpoint_dir())
         print(f"  modelo integrado: {'listo en ' + str(embedded.checkpoint_dir()) if ready else 'NO preparado'}")
         if not ready:

@@ -266,3 +266,17 @@ def test_a_4bit_model_keeps_its_adapter_in_fp32_through_trl(tmp_path, embedded_p
                    precision="fp32", packing=True)
     dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
     assert dtypes == {torch.float32}, dtypes
+
+
+def test_the_setup_summary_names_xformers_and_why_it_is_not_needed():
+    """Issue 16: 01_setup.sh's summary says what xformers is for; here (no xformers) it says why it is absent."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from afinar import doctor
+
+    if importlib.util.find_spec("xformers") is None:
+        assert "no hace falta" in doctor.xformers_status("cuda") and "motor compilado" in doctor.xformers_status("cuda")
+    out = subprocess.run([sys.executable, "-m", "afinar.doctor"], capture_output=True, text=True)
+    assert "xformers:" in out.stdout
