@@ -41,8 +41,8 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
     "logging_steps": (5, 5, "una línea de registro cada 5 pasos"),
     "packing": (None, True, "empaquetar en orden evita calcular relleno (un tercio de los tokens de un lote que mezcla "
                 "ensayos y respuestas cortas); en GPU, automático: sí con el motor compilado, no con Unsloth"),
-    "engine": ("auto", "auto", "auto: en GPU con bf16 y 35 GiB o más, transformers + PEFT compilado con atención flex "
-               "(el más rápido medido); en GPU más pequeñas o sin bf16 (T4), Unsloth; en CPU, eager"),
+    "engine": ("auto", "auto", "auto: en GPU de 14 GiB o más (la T4 incluida, en fp16), transformers + PEFT compilado con "
+               "atención flex (el más rápido medido); en GPU más pequeñas, Unsloth; en CPU, eager"),
     "fp8": (None, False, "en GPU, automático: sí con el motor compilado en tarjetas Hopper o posteriores (H100, H200), "
             "que multiplican en FP8 al doble de ritmo que en bf16, y solo si en tus propios ejemplos la pérdida "
             "cambia menos de un 1 por ciento; solo la base congelada se redondea, LoRA aprende en bf16"),
