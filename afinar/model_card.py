@@ -141,11 +141,15 @@ def _backend_label(manifest: dict[str, Any]) -> str:
     backend = plan.get("backend") or model.get("backend")
     label = {"unsloth": "Unsloth (GPU)", "hf": "Transformers + PEFT + TRL"}.get(backend, str(backend or NOT_AVAILABLE))
     if plan.get("compile_layers"):
-        label += ", capas compiladas con torch.compile y atención flex"
+        label += ", capas compiladas con torch.compile"
+    if plan.get("attn_implementation") == "flex_attention":
+        label += " y atención flex"
+    elif plan.get("attn_implementation") == "sdpa" and plan.get("engine") == "compiled":
+        label += ", atención SDPA (flex no corría en esta GPU)"
     if model.get("load_in_4bit"):
         label += ", base cargada en 4 bits (QLoRA)"
         if plan.get("dequantize_4bit"):
-            label += " y descuantizada una vez a bf16"
+            label += f" y descuantizada una vez a {plan.get('precision') or 'bf16'}"
     if plan.get("fp8_base"):
         # Whoever reuses the adapter should know its base products were rounded to e4m3 while it learned.
         drift = plan.get("fp8_drift")

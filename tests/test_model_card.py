@@ -176,3 +176,16 @@ def test_the_card_says_how_stage_03_trained_when_it_changed_engine(tmp_path):
     assert "Transformers + PEFT + TRL" in row and "Unsloth" not in row
     assert "torch.compile" in row and "descuantizada una vez a bf16" in row
     assert "FP8 (e4m3)" in row and "0,14 %" in row
+
+
+def test_the_card_of_a_t4_run_says_fp16_and_the_attention_that_ran(tmp_path):
+    # Issue 16: a T4 trains the compiled engine on an fp16 base; where flex could not run, SDPA took over.
+    manifest = _manifest(base_model="unsloth/Llama-3.2-1B-Instruct", backend="unsloth", load_in_4bit=True)
+    manifest["stages"]["train"]["metrics"]["engine"] = {
+        "engine": "compiled", "backend": "hf", "compile_layers": True, "dequantize_4bit": True, "precision": "fp16",
+        "attn_implementation": "sdpa", "fp8_base": False}
+
+    text = render_model_card(tmp_path, kind="adapter", manifest=manifest, repo_id=None)
+
+    row = next(line for line in text.splitlines() if line.startswith("| Motor de entrenamiento"))
+    assert "descuantizada una vez a fp16" in row and "SDPA" in row and "flex" in row and "FP8" not in row
