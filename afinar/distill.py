@@ -414,6 +414,7 @@ class Progress:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.done = 0
         self._last = 0.0
+        self._last_line = ""
         self._lock = threading.Lock()
         self.began = time.perf_counter()
 
@@ -434,6 +435,9 @@ class Progress:
             cost = t.cost(self.settings.price)
             if cost is not None:
                 line += f", coste ~{_money(cost, self.settings.currency)}"
+            if final and line == self._last_line and not self.tty:
+                return
+            self._last_line = line
             end = "\n" if final or not self.tty else ""
             print(("\r" if self.tty else "") + line + end, end="", file=self.stream, flush=True)
 

@@ -154,8 +154,12 @@ class HttpTeacher:
         self._stop = threading.Event()
 
     def identity(self) -> str:
-        """What goes into the cache key: the same question to another model is another request."""
-        return f"{self.base_url}|{self.model}"
+        """What goes into the cache key: the same question to another model is another request.
+
+        The model name, not the URL: the same model behind another address or port (localhost vs 127.0.0.1, a
+        restarted server) gives the same answers, and a resumed run must not pay for them again.
+        """
+        return f"api|{self.model}"
 
     def stop(self) -> None:
         """Make waiting workers give up (another request already failed for good)."""
