@@ -309,7 +309,7 @@ def parse_answer(text: str) -> tuple[dict[str, Any] | None, bool]:
             continue
         if isinstance(value, list) and len(value) == 1:
             value = value[0]
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:  # "... {" closed into {} is no answer
             return value, True
     return None, False
 

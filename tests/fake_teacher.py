@@ -7,7 +7,7 @@ the client met, whatever the concurrency.
 
 Behaviours: good, fenced (```json with a trailing comma), prose (text around the object), truncated (cut before
 the closing quote and brace), broken (no JSON at all), envelope (200 without "choices"), english, wrong_length
-(an essay too short, a short answer too long), copy (the `copy_entry` given), no_usage, 429 (Retry-After:
+(an essay too short, a short answer too long), copy (the entry `copy_entries` gives for the request's kind), no_usage, 429 (Retry-After:
 `retry_after`), 429_plain (no Retry-After), 500, 503, slow (answers after `slow_s`), leak (500 whose body quotes
 the Authorization header, as some APIs do), 401_leak, drop (closes the connection without answering), hold
 (blocks until the server stops: a teacher that hangs while the client is killed).
@@ -61,8 +61,9 @@ def _kind(user: str) -> str:
     return "short"
 
 
-def answer_object(user: str, behaviour: str, copy_entry: dict | None = None) -> dict:
+def answer_object(user: str, behaviour: str, copy_entries: dict | None = None) -> dict:
     kind = _kind(user)
+    copy_entry = (copy_entries or {}).get(kind)
     rng = random.Random(hashlib.sha256(user.encode("utf-8")).digest())
     topic = user.split("\n", 1)[0].removeprefix("Tema: ")
     if behaviour == "copy" and copy_entry is not None:
@@ -91,12 +92,12 @@ def answer_object(user: str, behaviour: str, copy_entry: dict | None = None) -> 
 
 class FakeTeacher:
     def __init__(self, script=(), default: str = "good", *, retry_after: str = "1", slow_s: float = 2.0,
-                 copy_entry: dict | None = None, die_after: int | None = None) -> None:
+                 copy_entries: dict | None = None, die_after: int | None = None) -> None:
         self.script = deque(script)
         self.default = default
         self.retry_after = retry_after
         self.slow_s = slow_s
-        self.copy_entry = copy_entry
+        self.copy_entries = copy_entries  # kind -> entry that 'copy' returns
         self.die_after = die_after  # after this many requests every request is dropped (a dead server)
         self.count = 0
         self.seen: list[str] = []  # behaviour per request, in arrival order
@@ -181,7 +182,7 @@ class FakeTeacher:
             return self._send(handler, 200, b'{"result": "ok"}')
         if behaviour == "slow":
             time.sleep(self.slow_s)
-        obj = answer_object(user, behaviour, self.copy_entry)
+        obj = answer_object(user, behaviour, self.copy_entries)
         content = json.dumps(obj, ensure_ascii=False)
         if behaviour == "fenced":
             content = "```json\n" + json.dumps(obj, ensure_ascii=False, indent=1)[:-1].rstrip() + ",\n}\n```"
