@@ -331,8 +331,15 @@ def test_fake_server_output_trains_in_03(tmp_path, stage02_dir):
     proc = run_script("03_train_model.py", "--output-dir", str(out), "--dataset", str(tmp_path / "out.json"),
                       "--max-steps", "1", "--preference", "none")
     assert (out / "adapter" / "adapter_model.safetensors").exists(), proc.stdout[-2000:]
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert any("loss" in row for row in metrics)
+    train = json.loads((out / "run.json").read_text(encoding="utf-8"))["stages"]["train"]
+    assert train["status"] == "done" and train["dataset"] == str(tmp_path / "out.json")
+    data = train["data"]
+    assert data["source"]["entries"] == 11
+    # 03's own screening agrees with the distiller's: nothing left to drop, long and short both present.
+    assert data["cleaning"]["exact_duplicates"] == data["cleaning"]["near_duplicates"] == 0
+    assert data["cleaning"]["non_spanish"] == 0
+    assert data["mix"]["long"] > 0 and data["mix"]["short"] > 0
+    assert "global_step" in json.dumps(train)
 
 
 def test_answer_object_is_spanish_and_of_the_right_length():
