@@ -474,8 +474,14 @@ class Distiller:
             else:
                 jobs.append((index, outcome, body, key))
 
-        def record(index: int, outcome: Outcome, body: dict, key: str, reply: Reply) -> None:
+        def fetch(index: int, outcome: Outcome, body: dict, key: str) -> Reply:
+            # Cached in the worker, the moment the answer arrives: an answer still in flight when the user
+            # presses Ctrl+C is paid for, so it must be on disk for the next run too.
+            reply = self.teacher.complete(body)
             self.cache.put(key, identity, outcome.item, body, reply)
+            return reply
+
+        def record(index: int, outcome: Outcome, body: dict, key: str, reply: Reply) -> None:
             answers[index] = reply
             with self.totals.lock:
                 self.totals.sent += 1
@@ -491,15 +497,16 @@ class Distiller:
                 for start in range(0, len(group), self.teacher.batch_size):
                     chunk = group[start:start + self.teacher.batch_size]
                     for job, reply in zip(chunk, self.teacher.complete_batch([job[2] for job in chunk])):
+                        self.cache.put(job[3], identity, job[1].item, job[2], reply)
                         record(*job, reply)
         elif jobs:
-            self._ask_concurrently(jobs, record)
+            self._ask_concurrently(jobs, fetch, record)
         return [(outcome, answers[i]) for i, (outcome, _) in enumerate(pending)]
 
-    def _ask_concurrently(self, jobs, record) -> None:
+    def _ask_concurrently(self, jobs, fetch, record) -> None:
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.settings.concurrency,
                                                      thread_name_prefix="teacher")
-        futures = {pool.submit(self.teacher.complete, job[2]): job for job in jobs}
+        futures = {pool.submit(fetch, *job): job for job in jobs}
         failure: BaseException | None = None
         try:
             for future in concurrent.futures.as_completed(futures):
@@ -515,9 +522,10 @@ class Distiller:
                     continue
                 record(*futures[future], reply)
         except BaseException:
-            # Ctrl+C: no new requests; the answers already cached stay for the next run.
+            # Ctrl+C: no new requests, no more waiting to retry; the requests in flight finish (and are cached)
+            # while the interpreter exits, and everything cached serves the next run.
             self.teacher.stop()
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown(wait=True, cancel_futures=True)
         if failure is not None:

@@ -352,3 +352,23 @@ def test_answer_object_is_spanish_and_of_the_right_length():
         assert guess_language(entry)[0] == "es"
         words = word_count(entry["output"])
         assert (words >= LONG_MIN_WORDS) if kind == "essay" else (words <= distill.SHORT_MAX_WORDS or kind != "short")
+
+
+def test_ctrl_c_exits_130_and_answers_in_flight_are_still_cached(tmp_path):
+    topics = _topics(tmp_path, "fase luminosa")
+    with FakeTeacher(["good", "slow", "slow", "slow"], slow_s=2) as fake:
+        proc = subprocess.Popen(
+            [sys.executable, "00_destilar.py", "--topics", str(topics), "--teacher-url", fake.url, "--teacher-model",
+             "fake", "--output", str(tmp_path / "c.json"), "--concurrency", "3", "--timeout", "30",
+             "--essays-per-topic", "0", "--answers-per-topic", "4", "--misconceptions-per-topic", "0"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while fake.count < 4 and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Interrumpido" in err and "Traceback" not in err
+    # The three slow answers were paid for while the user pressed Ctrl+C: they are in the cache.
+    assert len(distill.Cache(tmp_path / "c.cache.jsonl").entries) == 4
+    assert not (tmp_path / "c.json").exists()
