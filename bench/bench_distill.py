@@ -2,6 +2,7 @@
 
     python bench/bench_distill.py                      # both parts
     python bench/bench_distill.py --part server        # 200 entries from the loopback server, concurrency 8
+    python bench/bench_distill.py --part server --latency 0.2 --concurrency 1   # a server that takes 0.2 s
     python bench/bench_distill.py --part embedded      # answers per minute from the embedded model on CPU
 
 Part "server": the loopback fake OpenAI server answers instantly, so the figure is our own overhead per entry
@@ -33,13 +34,13 @@ TOPICS = ["fase luminosa", "ciclo de Calvin", "estomas", "clorofila", "fotorresp
           "xilema", "transpiración", "luz y longitud de onda", "algas y cianobacterias"]
 
 
-def bench_server(workdir: Path, concurrency: int) -> None:
+def bench_server(workdir: Path, concurrency: int, latency: float = 0.0) -> None:
     from fake_teacher import FakeTeacher
 
     settings = distill.Settings(topics=TOPICS, counts=distill.Counts(2, 6, 2), cache_path=workdir / "s.cache.jsonl",
                                 output=workdir / "s.json", concurrency=concurrency)
     quiet = open(os.devnull, "w")
-    with FakeTeacher() as fake:
+    with FakeTeacher(latency_s=latency) as fake:
         client = teacher.HttpTeacher(fake.url, "fake", None, timeout=30)
         stdout, sys.stdout = sys.stdout, quiet
         began = time.perf_counter()
@@ -49,7 +50,8 @@ def bench_server(workdir: Path, concurrency: int) -> None:
             sys.stdout = stdout
         seconds = time.perf_counter() - began
     print(f"servidor local: {summary['planned']} entradas pedidas, {summary['kept']} conservadas, "
-          f"{fake.count} peticiones, concurrencia {concurrency}: {seconds:.2f} s, "
+          f"{fake.count} peticiones, latencia del servidor {latency:g} s, concurrencia {concurrency}: "
+          f"{seconds:.2f} s, "
           f"{summary['planned'] / seconds:.1f} entradas/s")
 
 
@@ -72,13 +74,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["server", "embedded", "both"], default="both")
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--latency", type=float, default=0.0,
+                   help="seconds the fake server waits before each answer (0: our own overhead only)")
     p.add_argument("--embedded-answers", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args()
     print(f"CPU: {os.cpu_count()} núcleos visibles; carga media {os.getloadavg()[0]:.1f} (máquina compartida)")
     with tempfile.TemporaryDirectory() as tmp:
         if args.part in ("server", "both"):
-            bench_server(Path(tmp), args.concurrency)
+            bench_server(Path(tmp), args.concurrency, args.latency)
         if args.part in ("embedded", "both"):
             bench_embedded(Path(tmp), args.embedded_answers, args.batch_size)
 

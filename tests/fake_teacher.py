@@ -92,13 +92,14 @@ def answer_object(user: str, behaviour: str, copy_entries: dict | None = None) -
 
 class FakeTeacher:
     def __init__(self, script=(), default: str = "good", *, retry_after: str = "1", slow_s: float = 2.0,
-                 copy_entries: dict | None = None, die_after: int | None = None) -> None:
+                 copy_entries: dict | None = None, die_after: int | None = None, latency_s: float = 0.0) -> None:
         self.script = deque(script)
         self.default = default
         self.retry_after = retry_after
         self.slow_s = slow_s
         self.copy_entries = copy_entries  # kind -> entry that 'copy' returns
         self.die_after = die_after  # after this many requests every request is dropped (a dead server)
+        self.latency_s = latency_s  # every answer waits this long, like a real API's time to answer
         self.count = 0
         self.seen: list[str] = []  # behaviour per request, in arrival order
         self.authorization: set[str] = set()
@@ -182,6 +183,8 @@ class FakeTeacher:
             return self._send(handler, 200, b'{"result": "ok"}')
         if behaviour == "slow":
             time.sleep(self.slow_s)
+        elif self.latency_s:
+            time.sleep(self.latency_s)
         obj = answer_object(user, behaviour, self.copy_entries)
         content = json.dumps(obj, ensure_ascii=False)
         if behaviour == "fenced":
