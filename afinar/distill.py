@@ -269,6 +269,7 @@ class Cache:
 # --------------------------------------------------------------------------------------------------- parsing
 
 
+_THINK = re.compile(r"<think>.*?(</think>|$)", re.S)
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
 _TRAILING_COMMA = re.compile(r",\s*([}\]])")
 _LENIENT = json.JSONDecoder(strict=False)  # raw newlines inside strings: the commonest teacher slip
@@ -284,7 +285,7 @@ def parse_answer(text: str) -> tuple[dict[str, Any] | None, bool]:
     Repairs, in order: code fences, prose around the object, trailing commas, an answer cut before its final
     quote or brace (max_tokens reached). Each is what real models do; anything beyond is asked again.
     """
-    text = (text or "").strip()
+    text = _THINK.sub("", text or "").strip()  # reasoning models (DeepSeek-R1, Qwen3) think aloud first
     if not text:
         return None, False
     try:
@@ -348,6 +349,7 @@ class Settings:
     cache_path: Path
     output: Path
     against: Path | None = None
+    against_entries: list[dict[str, str]] | None = None  # already read from `against`, else read by run()
     merge: bool = False
     concurrency: int = 4
     json_retries: int = DEFAULT_JSON_RETRIES
@@ -535,8 +537,8 @@ class Distiller:
 
     def run(self) -> dict[str, Any]:
         s = self.settings
-        against_entries: list[dict[str, str]] = []
-        if s.against is not None:
+        against_entries: list[dict[str, str]] = list(s.against_entries or [])
+        if s.against is not None and s.against_entries is None:
             against_entries = read_dataset(s.against).entries
         if self.cache.damaged_lines:
             self.log(f"Aviso: la caché «{s.cache_path}» tenía {plural(self.cache.damaged_lines, 'línea dañada', 'líneas dañadas')} "

@@ -6,7 +6,8 @@ import math
 import sys
 from pathlib import Path
 
-from . import cli, distill, teacher
+from . import cli, distill, teacher, validation
+from .data_check import read_dataset
 from .errors import UserError
 
 DEFAULT_OUTPUT = "datos_destilados.json"
@@ -100,13 +101,20 @@ def settings_from(args) -> distill.Settings:
         raise UserError(f"--output «{output}» es el mismo archivo que --against: se perderían sus entradas. Usa "
                         f"otro --output o añade --merge.")
     topics = distill.read_topics(args.topics)
+    cache_path = Path(args.cache) if args.cache else distill.default_cache_path(output)
+    if cache_path.is_dir():
+        raise UserError(f"«{cache_path}» (--cache) es una carpeta; se esperaba un archivo .jsonl.")
+    # Before the first paid request: an answer that cannot be cached or written is money thrown away.
+    validation.require_writable(output.parent, "--output")
+    validation.require_writable(cache_path.parent, "--cache")
+    # Read now, not after the teacher (a local model) is loaded: a broken --against fails in a second.
+    against_entries = read_dataset(against).entries if against is not None else None
     max_tokens = dict(distill.DEFAULT_MAX_TOKENS)
     if args.max_tokens is not None:
         max_tokens = {kind: args.max_tokens for kind in max_tokens}
     return distill.Settings(
         topics=topics, counts=counts, output=output,
-        cache_path=Path(args.cache) if args.cache else distill.default_cache_path(output),
-        against=against, merge=args.merge, concurrency=args.concurrency, json_retries=args.json_retries,
+        cache_path=cache_path, against=against, against_entries=against_entries, merge=args.merge, concurrency=args.concurrency, json_retries=args.json_retries,
         max_tokens=max_tokens, temperature=args.temperature, price=distill.parse_price(args.price_per_mtok),
         currency=args.currency,
     )

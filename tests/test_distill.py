@@ -64,6 +64,7 @@ def test_parse_answer_repairs_what_models_do_and_gives_up_on_the_rest():
     assert distill.parse_answer(text[:-2]) == (good, True)  # cut before the closing quote and brace
     raw_newline = '{"pregunta": "¿Qué es?", "respuesta": "Línea uno\nlínea dos"}'
     assert distill.parse_answer(raw_newline)[0]["respuesta"] == "Línea uno\nlínea dos"
+    assert distill.parse_answer("<think>Quizá {\"x\": 1}... no.</think>\n" + text) == (good, False)
     assert distill.parse_answer("Lo siento, no puedo {") == (None, False)
     assert distill.parse_answer("") == (None, False)
     # English key names are accepted; a misconception without its wrong answer is not an entry.
@@ -227,6 +228,8 @@ def test_bad_input_is_a_spanish_message_with_exit_2(tmp_path):
     topics = _topics(tmp_path, "fotosíntesis C4")
     empty = tmp_path / "vacio.txt"
     empty.write_text("\n# solo un comentario\n\n", encoding="utf-8")
+    broken = tmp_path / "roto.json"
+    broken.write_text('[{"instruction": "¿Qué?", "output": "Esto."},\n{"instruction": "sin cerrar"', encoding="utf-8")
     url = ["--teacher-url", "http://127.0.0.1:9/v1", "--teacher-model", "m"]
     out = ["--output", str(tmp_path / "o.json")]
     cases = [
@@ -244,6 +247,9 @@ def test_bad_input_is_a_spanish_message_with_exit_2(tmp_path):
         (["--topics", str(topics), *url, "--price-per-mtok", "barato", *out], ["--price-per-mtok", "barato"]),
         (["--topics", str(topics), *url, "--against", str(tmp_path / "falta.json"), *out], ["falta.json", "--against"]),
         (["--topics", str(topics), "--teacher-model", str(tmp_path), *out], ["--teacher-model", "config.json"]),
+        (["--topics", str(topics), *url, "--against", str(broken), *out], ["roto.json", "JSON no válido"]),
+        (["--topics", str(topics), *url, "--cache", str(tmp_path), *out], ["--cache", "carpeta"]),
+        (["--topics", str(topics), *url, "--against", str(broken), "--output", str(broken)], ["--merge"]),
         (["--topics", str(topics), *url], []),  # unreachable server, checked below
     ]
     for args, expected in cases[:-1]:
