@@ -117,7 +117,8 @@ def read_topics(path: str | os.PathLike) -> list[str]:
         raise UserError(f"No existe el archivo de temas «{path}» (--topics): crea un archivo de texto con un tema "
                         f"por línea.")
     if path.is_dir():
-        raise UserError(f"«{path}» (--topics) es una carpeta; se esperaba un archivo de texto con un tema por línea.")
+        raise UserError(f"«{path}» (--topics) es una carpeta; se esperaba un archivo de texto con un tema por "
+                        f"línea.")
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -132,7 +133,8 @@ def read_topics(path: str | os.PathLike) -> list[str]:
         if not topic or topic.startswith("#"):
             continue
         if len(topic) > MAX_TOPIC_CHARS:
-            raise UserError(f"«{path}» (--topics), línea {number}: el tema tiene {len(topic)} caracteres; el máximo "
+            raise UserError(f"«{path}» (--topics), línea {number}: el tema tiene {len(topic)} caracteres; el "
+                            f"máximo "
                             f"es {MAX_TOPIC_CHARS} (¿falta un salto de línea?).")
         if topic.casefold() not in seen:
             seen.add(topic.casefold())
@@ -541,7 +543,8 @@ class Distiller:
         if s.against is not None and s.against_entries is None:
             against_entries = read_dataset(s.against).entries
         if self.cache.damaged_lines:
-            self.log(f"Aviso: la caché «{s.cache_path}» tenía {plural(self.cache.damaged_lines, 'línea dañada', 'líneas dañadas')} "
+            damaged = plural(self.cache.damaged_lines, "línea dañada", "líneas dañadas")
+            self.log(f"Aviso: la caché «{s.cache_path}» tenía {damaged} "
                      f"(una ejecución cortada a mitad de escritura); esas peticiones se repiten.")
         outcomes = [Outcome(item) for item in plan_items(s.topics, s.counts)]
         self.log(f"Plan: {plural(len(s.topics), 'tema')} × ({s.counts.essay} ensayos + {s.counts.short} respuestas "
@@ -682,6 +685,7 @@ class Distiller:
                 rejected[o.category] = rejected.get(o.category, 0) + 1
         return {
             "teacher": self.teacher.identity(),
+            "teacher_url": getattr(self.teacher, "base_url", None),
             "planned": len(outcomes),
             "kept": sum(o.status == "kept" for o in outcomes),
             "kept_by_kind": {k: sum(o.status == "kept" and o.item.kind == k for o in outcomes) for k in KINDS},
@@ -713,19 +717,21 @@ class Distiller:
     def _markdown(self, outcomes: list[Outcome], summary: dict[str, Any]) -> str:
         s = self.settings
         names = {"json": "JSON inutilizable", "check": "comprobación de datos", "length": "longitud de su clase",
-                 "language": "no está en español", "duplicate": "duplicado", "base_model": "el modelo base ya acierta"}
+                 "language": "no está en español", "duplicate": "duplicado",
+                 "base_model": "el modelo base ya acierta"}
         retry_names = {"429": "429 (demasiadas peticiones)", "5xx": "errores 5xx del servidor",
                        "timeout": "tiempo de espera agotado", "connection": "conexión cortada o rechazada"}
         lines = [
             "# Informe de la destilación",
             "",
-            f"- Profesor: `{summary['teacher'].split('|', 1)[-1]}`",
+            f"- Profesor: `{summary['teacher'].split('|', 1)[-1]}`"
+            + (f" en `{summary['teacher_url']}`" if summary["teacher_url"] else " (modelo local)"),
             f"- Plan: {plural(summary['planned'], 'entrada')} ({plural(len(s.topics), 'tema')})",
             f"- Conservadas: **{summary['kept']}** (ensayos {summary['kept_by_kind']['essay']}, respuestas cortas "
             f"{summary['kept_by_kind']['short']}, errores típicos {summary['kept_by_kind']['misconception']})",
             f"- Descartadas: **{summary['rejected']}**"
             + ("".join(f"; {names.get(k, k)}: {v}" for k, v in sorted(summary["rejected_by_reason"].items()))),
-            f"- Archivo de salida: "
+            "- Archivo de salida: "
             + (f"`{summary['output']}` ({plural(summary['entries_written'], 'entrada')}"
                + (f", incluidas las de `{summary['merged_with']}`" if summary["merged_with"] else "") + ")"
                if summary["output"] else "ninguno (no se conservó ninguna entrada)"),
@@ -734,7 +740,8 @@ class Distiller:
             "",
             f"- Respuestas pedidas al profesor en esta ejecución: {summary['answers_from_teacher']}; tomadas de la "
             f"caché: {summary['answers_from_cache']}; intentos HTTP o generaciones: {summary['http_attempts']}",
-            "- Reintentos: " + (", ".join(f"{retry_names.get(k, k)}: {v}" for k, v in sorted(summary["retries"].items()))
+            "- Reintentos: " + (", ".join(f"{retry_names.get(k, k)}: {v}"
+                                          for k, v in sorted(summary["retries"].items()))
                                 + f" (espera total {summary['retry_wait_s']:.1f} s)".replace(".", ",")
                                 if summary["retries"] else "ninguno"),
             f"- JSON: correcto {summary['json_clean']}, reparado {summary['json_repaired']}, pedido de nuevo "

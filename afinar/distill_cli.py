@@ -14,7 +14,7 @@ DEFAULT_OUTPUT = "datos_destilados.json"
 
 
 def parse_args(argv=None, description: str | None = None):
-    p = cli.SpanishArgumentParser(description=description or "Destilación: datos Alpaca generados por un modelo profesor.",
+    p = cli.SpanishArgumentParser(description=description or "Destilación: datos Alpaca de un modelo profesor.",
                                   formatter_class=cli.SpanishHelpFormatter, add_help=False)
     p._optionals.title = "opciones"
     p.add_argument("-h", "--help", action="help", help="muestra esta ayuda y termina")
@@ -32,7 +32,8 @@ def parse_args(argv=None, description: str | None = None):
                         + ", ".join(teacher.KEY_NAMES) + ". La clave nunca se muestra ni se guarda")
     t.add_argument("--concurrency", type=int, default=4, help="peticiones simultáneas al servidor (por defecto: 4)")
     t.add_argument("--timeout", type=float, default=teacher.DEFAULT_TIMEOUT_S,
-                   help=f"segundos de espera por respuesta antes de reintentar (por defecto: {teacher.DEFAULT_TIMEOUT_S:g})")
+                   help="segundos de espera por respuesta antes de reintentar "
+                        f"(por defecto: {teacher.DEFAULT_TIMEOUT_S:g})")
     t.add_argument("--max-retries", type=int, default=teacher.DEFAULT_MAX_RETRIES,
                    help="reintentos por petición ante 429, errores 5xx, tiempos agotados y cortes de conexión, con "
                         f"espera exponencial o la que pida Retry-After (por defecto: {teacher.DEFAULT_MAX_RETRIES})")
@@ -114,7 +115,8 @@ def settings_from(args) -> distill.Settings:
         max_tokens = {kind: args.max_tokens for kind in max_tokens}
     return distill.Settings(
         topics=topics, counts=counts, output=output,
-        cache_path=cache_path, against=against, against_entries=against_entries, merge=args.merge, concurrency=args.concurrency, json_retries=args.json_retries,
+        cache_path=cache_path, against=against, against_entries=against_entries, merge=args.merge,
+        concurrency=args.concurrency, json_retries=args.json_retries,
         max_tokens=max_tokens, temperature=args.temperature, price=distill.parse_price(args.price_per_mtok),
         currency=args.currency,
     )
@@ -164,4 +166,5 @@ def main(argv=None, description: str | None = None) -> None:
               file=sys.stderr, flush=True)
         raise SystemExit(1)
     print(f"Datos: {summary['output']} ({summary['entries_written']} entradas).\n"
-          f"Siguiente paso: python 03_train_model.py --dataset {cli.quoted(summary['output'])}", flush=True)
+          f"Siguiente paso: python 02_load_model.py (si aún no lo hiciste) y después "
+          f"python 03_train_model.py --dataset {cli.quoted(summary['output'])}", flush=True)

@@ -193,7 +193,11 @@ class HttpTeacher:
                     raw = response.read()
                 return self._parse(raw)
             except urllib.error.HTTPError as err:
-                body = _redact(err.read(2000).decode("utf-8", "replace"), self._key)[:MAX_ERROR_BODY_CHARS]
+                try:
+                    raw_body = err.read(2000)
+                except (OSError, http.client.HTTPException):
+                    raw_body = b""  # the server closed the connection mid-body: the status is enough
+                body = _redact(raw_body.decode("utf-8", "replace"), self._key)[:MAX_ERROR_BODY_CHARS]
                 last = f"HTTP {err.code}: {body}"
                 if err.code not in RETRYABLE_STATUS:
                     raise UserError(self._fatal_message(err.code, body)) from None

@@ -7,7 +7,8 @@ the client met, whatever the concurrency.
 
 Behaviours: good, fenced (```json with a trailing comma), prose (text around the object), truncated (cut before
 the closing quote and brace), broken (no JSON at all), envelope (200 without "choices"), english, wrong_length
-(an essay too short, a short answer too long), copy (the entry `copy_entries` gives for the request's kind), no_usage, 429 (Retry-After:
+(an essay too short, a short answer too long), copy (the entry `copy_entries` gives for the request's kind),
+no_usage, 429 (Retry-After:
 `retry_after`), 429_plain (no Retry-After), 500, 503, slow (answers after `slow_s`), leak (500 whose body quotes
 the Authorization header, as some APIs do), 401_leak, drop (closes the connection without answering), hold
 (blocks until the server stops: a teacher that hangs while the client is killed).
@@ -29,7 +30,8 @@ _SUBJECTS = ["la clorofila", "el cloroplasto", "la hoja", "el estroma", "la plan
 _VERBS = ["absorbe", "transforma", "almacena", "libera", "necesita", "produce", "regula", "capta", "aprovecha",
           "convierte", "transporta", "protege", "acumula", "reparte", "consume", "recicla"]
 _OBJECTS = ["la energía de la luz", "el dióxido de carbono", "los azúcares", "el oxígeno", "los electrones",
-            "los protones", "el trifosfato de adenosina", "el poder reductor", "el agua del suelo", "las sales minerales",
+            "los protones", "el trifosfato de adenosina", "el poder reductor", "el agua del suelo",
+            "las sales minerales",
             "la glucosa", "el almidón", "los fotones rojos", "la luz azul", "el nitrógeno", "la sacarosa"]
 _TAILS = ["durante el día", "en la fase luminosa", "dentro del cloroplasto", "cuando hay suficiente agua",
           "en las hojas jóvenes", "a lo largo del ciclo de Calvin", "con ayuda de los pigmentos", "por la noche",
