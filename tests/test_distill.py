@@ -280,7 +280,10 @@ def test_embedded_model_as_teacher_end_to_end(tmp_path, embedded_path):
     args = ["00_destilar.py", "--topics", str(topics), "--teacher-model", "smollm2-135m", "--essays-per-topic", "0",
             "--answers-per-topic", "1", "--misconceptions-per-topic", "1", "--max-tokens", "48", "--json-retries",
             "1", "--output", str(tmp_path / "local.json")]
-    first = run_script(*args, check=False, timeout=600)
+    # One thread: on the shared 2-core test machine two OpenMP threads spin-wait against other processes and
+    # generation ran 5x slower (43 s against 9 s for 48 tokens); the code path is the same.
+    env = {"OMP_NUM_THREADS": "1"}
+    first = run_script(*args, check=False, timeout=600, env=env)
     assert first.returncode in (0, 1), first.stdout + first.stderr  # 1: the 135M model wrote nothing usable
     assert "Traceback" not in first.stderr
     report = _report(tmp_path, "local")
@@ -295,7 +298,7 @@ def test_embedded_model_as_teacher_end_to_end(tmp_path, embedded_path):
     assert summary["answers_from_teacher"] == 2 + summary["json_retried"] == summary["http_attempts"]
     assert len(_cache_lines(tmp_path / "local.cache.jsonl")) == summary["answers_from_teacher"]
     assert (first.returncode == 0) == (summary["kept"] > 0) == (tmp_path / "local.json").exists()
-    second = run_script(*args, check=False, timeout=600)
+    second = run_script(*args, check=False, timeout=600, env=env)
     again = _report(tmp_path, "local")["summary"]
     assert again["answers_from_teacher"] == 0 and again["answers_from_cache"] == summary["answers_from_teacher"]
     assert second.returncode == first.returncode
@@ -380,3 +383,36 @@ def test_ctrl_c_exits_130_and_answers_in_flight_are_still_cached(tmp_path):
     # The three slow answers were paid for while the user pressed Ctrl+C: they are in the cache.
     assert len(distill.Cache(tmp_path / "c.cache.jsonl").entries) == 4
     assert not (tmp_path / "c.json").exists()
+
+
+def test_key_comes_from_the_environment_or_colab_secrets(monkeypatch):
+    import types
+    from email.utils import formatdate
+
+    for name in teacher.KEY_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setitem(sys.modules, "google", None)  # not in Colab: no key, and no error
+    assert teacher.find_api_key() == (None, None)
+
+    class SecretNotFound(Exception):
+        pass
+
+    def get(name):
+        if name != "GEMINI_API_KEY":
+            raise SecretNotFound(name)
+        return PLANTED_KEY
+
+    userdata = types.SimpleNamespace(get=get)
+    colab = types.ModuleType("google.colab")
+    colab.userdata = userdata
+    google = types.ModuleType("google")
+    google.colab = colab
+    monkeypatch.setitem(sys.modules, "google", google)
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    assert teacher.find_api_key() == (PLANTED_KEY, "secreto de Colab GEMINI_API_KEY")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+    assert teacher.find_api_key() == ("sk-from-env", "variable de entorno OPENAI_API_KEY")
+    # Retry-After: delta-seconds or an HTTP date.
+    assert teacher._retry_after({"Retry-After": "7"}) == 7.0
+    assert 25 <= teacher._retry_after({"Retry-After": formatdate(time.time() + 30, usegmt=True)}) <= 31
+    assert teacher._retry_after({}) is None
