@@ -15,6 +15,28 @@ SYSTEM_PROMPT = (
     "y de forma clara."
 )
 
+DEFAULT_SYSTEM_PROMPT = SYSTEM_PROMPT
+
+# The run's system prompt (02's --system-prompt, recorded in run.json). Each stage is its own process and the
+# prompt is one constant of the run, so a stage sets it once, right after reading run.json
+# (configure_from_manifest), and every prompt built in that process (training, contrast, chat, Modelfile,
+# model card) uses it, instead of passing it down through every function that renders a conversation.
+_active = {"system_prompt": SYSTEM_PROMPT}
+
+
+def system_prompt() -> str:
+    return _active["system_prompt"]
+
+
+def configure(text: str | None) -> None:
+    _active["system_prompt"] = text if text else DEFAULT_SYSTEM_PROMPT
+
+
+def configure_from_manifest(run_manifest: dict) -> None:
+    """A run.json from before the setting existed was trained with the default, which is what stays."""
+    configure(run_manifest.get("system_prompt"))
+
+
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's cross-entropy default)
 
 # Tried in order when the tokenizer has no pad token distinct from EOS. Padding with EOS would mask the
@@ -31,7 +53,7 @@ def user_text(instruction: str, input_text: str | None = None) -> str:
 
 def messages_for(entry: dict[str, Any], with_answer: bool = True) -> list[dict[str, str]]:
     messages = [
-        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "system", "content": system_prompt()},
         {"role": "user", "content": user_text(entry["instruction"], entry.get("input"))},
     ]
     if with_answer:

@@ -116,6 +116,8 @@ def run(args) -> dict[str, Any]:
     manifest.require_stage(run_manifest, "load", layout)
     manifest.require_stage(run_manifest, "train", layout)
     push_access = _check_push_first(args)
+    if not args.push_only:
+        modeling.ensure_base_path(run_manifest)
     parts = _parts(args.what)
     _gguf_formats(args.gguf)  # an unknown type fails here, before the model is loaded
 

@@ -123,6 +123,7 @@ def run(args) -> dict[str, Any]:
     manifest.require_stage(run_manifest, "load", layout)
     validation.require_writable(layout.root)
     _refuse_rerun(layout, run_manifest, args.overwrite, args.resume)
+    modeling.ensure_base_path(run_manifest)
 
     print("Ajustes (heredados de la etapa 02 salvo que una opción los cambie):")
     recorded = run_manifest["settings"]
