@@ -36,6 +36,8 @@ def parse_args(argv=None):
                    help=settings.help_text("save_minutes", "checkpoint cada N minutos"))
     p.add_argument("--logging-steps", type=int, default=None,
                    help=settings.help_text("logging_steps", "pasos entre líneas de registro"))
+    p.add_argument("--eval-steps", type=int, default=None,
+                   help=settings.help_text("eval_steps", "pérdida de evaluación cada N pasos"))
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
                    help=settings.help_text("packing", "empaquetar varios ejemplos seguidos en cada fila, sin mezclar "
                                                       "su atención"))

@@ -53,6 +53,8 @@ PARAMS = (
     Param("LEARNING_RATE", "--learning-rate", ("03",)),
     Param("BATCH_SIZE", "--batch-size", ("03",)),
     Param("LOGGING_STEPS", "--logging-steps", ("03",), "La curva de pérdida (loss.png) usa estas líneas."),
+    Param("EVAL_STEPS", "--eval-steps", ("03",),
+          "Con entradas apartadas (--eval-fraction), su pérdida aparece en metrics.jsonl y en loss.png."),
     Param("GGUF", "--gguf", ("04",)),
     Param("OVERWRITE", "--overwrite", ("02", "03", "04"),
           "True repite las tres etapas desde cero: la 02 borra el contenido de OUTPUT_DIR. Con False, «Ejecutar "

@@ -100,8 +100,9 @@ def clone(repo_url, target):
     if done.returncode == 0:
         return None
     shutil.rmtree(target, ignore_errors=True)
-    detail = (done.stderr or "").strip().splitlines()
-    return (f"No se pudo clonar {repo_url} ({detail[-1] if detail else 'git terminó con el código ' + str(done.returncode)}). "
+    lines = (done.stderr or "").strip().splitlines()
+    detail = lines[-1] if lines else f"git terminó con el código {done.returncode}"
+    return (f"No se pudo clonar {repo_url} ({detail}). "
             f"Si el repositorio es privado, Colab no tiene tus credenciales de GitHub y no puede clonarlo; si no, "
             f"revisa REPO_URL y la conexión.")
 
