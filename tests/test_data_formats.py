@@ -143,3 +143,49 @@ def read_dataset_entry(record):
     entry = validate_record(record, "entrada 1", problems, CheckStats())
     assert not problems, problems.message()
     return entry
+
+
+@pytest.mark.slow
+def test_mixed_formats_train_with_eval_loss_every_n_steps(stage02_dir, tmp_path):
+    """03 on Alpaca + ShareGPT + messages data: it trains, and the held-out loss lands in metrics.jsonl
+    and loss.png every --eval-steps."""
+    from conftest import ROOT, copy_output
+
+    out = copy_output(stage02_dir, tmp_path / "salida")
+    alpaca = [e for e in json.loads((ROOT / "tu_dataset.json").read_text(encoding="utf-8"))
+              if "rejected" not in e][:12]
+    topics = [("la mitocondria", "produce ATP mediante la respiración celular"),
+              ("el cloroplasto", "hace la fotosíntesis captando luz con la clorofila"),
+              ("el ribosoma", "traduce el ARN mensajero y sintetiza proteínas"),
+              ("el aparato de Golgi", "modifica, empaqueta y distribuye proteínas y lípidos"),
+              ("el lisosoma", "digiere moléculas y orgánulos gastados con sus enzimas"),
+              ("el núcleo", "guarda el ADN y controla la expresión de los genes"),
+              ("la vacuola", "almacena agua y sustancias y mantiene la turgencia de la célula vegetal"),
+              ("la membrana plasmática", "separa la célula del medio y regula qué entra y qué sale")]
+    conversations = []
+    for number, (organelle, role) in enumerate(topics):
+        first, second = role.split(" y ", 1) if " y " in role else (role, role)
+        if number % 2:
+            conversations.append({"conversations": [
+                {"from": "human", "value": f"¿Qué hace {organelle}?"},
+                {"from": "gpt", "value": f"En la célula, {organelle} {first}."},
+                {"from": "human", "value": "¿Algo más?"},
+                {"from": "gpt", "value": f"Sí: también {second}."},
+            ]})
+        else:
+            conversations.append({"messages": [
+                {"role": "user", "content": f"Describe en una frase la función de {organelle}."},
+                {"role": "assistant", "content": f"{organelle.capitalize()} {role}."},
+            ]})
+    dataset = _write_jsonl(tmp_path / "mezcla.jsonl", alpaca + conversations)
+    run_script("03_train_model.py", "--output-dir", str(out), "--dataset", str(dataset), "--max-steps", "2",
+               "--batch-size", "2", "--logging-steps", "1", "--eval-steps", "1", "--eval-fraction", "0.2",
+               "--preference", "none", "--max-seq-length", "256")
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["loss"] > 0 and r["eval_loss"] > 0 for r in rows)
+    assert (out / "loss.png").stat().st_size > 1000
+    record = json.loads((out / "run.json").read_text(encoding="utf-8"))["stages"]["train"]
+    assert record["metrics"]["final_eval_loss"] == rows[-1]["eval_loss"]
+    assert record["data"]["eval"] > 0
