@@ -18,7 +18,8 @@ from afinar.errors import main_guard
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--dataset", default="tu_dataset.json",
-                   help="datos en formato Alpaca, JSON o JSON Lines (por defecto: tu_dataset.json)")
+                   help="datos en formato Alpaca, ShareGPT («conversations») o de chat («messages»), de uno o varios "
+                        "turnos, en JSON o JSON Lines (por defecto: tu_dataset.json)")
     p.add_argument("--check-data", action="store_true",
                    help="solo revisar los datos y terminar, sin cargar ningún modelo (por defecto: no)")
     p.add_argument("--max-steps", type=int, default=None, help=settings.help_text("max_steps", "pasos de entrenamiento"))

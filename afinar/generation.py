@@ -204,7 +204,8 @@ def chat(
             generated = model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                 do_sample=False, repetition_penalty=float(repetition_penalty), eos_token_id=stop_ids,
-                pad_token_id=tokenizer.pad_token_id, streamer=_Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+                pad_token_id=tokenizer.pad_token_id, streamer=_Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                   clean_up_tokenization_spaces=False),
             )
             reply_ids, _ = split_generated(generated[0, len(prompt):].tolist(), stop_ids, tokenizer.pad_token_id)
             history.append({"role": "assistant", "content": decode(tokenizer, reply_ids)})

