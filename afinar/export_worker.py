@@ -68,7 +68,11 @@ def main(argv=None) -> None:
     p.add_argument("--result", required=True)
     args = p.parse_args(argv)
     formats = [f.strip() for f in args.gguf.split(",") if f.strip() and f.strip() != "none"]
-    record = export(OutputLayout.at(args.output_dir), args.base_path, args.merge_dtype, formats)
+    layout = OutputLayout.at(args.output_dir)
+    from .prompts import configure_from_manifest
+
+    configure_from_manifest(manifest.read(layout))  # the Modelfile's SYSTEM line is the run's system prompt
+    record = export(layout, args.base_path, args.merge_dtype, formats)
     atomic.write_json(args.result, record)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from . import atomic
 from .errors import UserError
 from .generation import DEFAULT_REPETITION_PENALTY
-from .prompts import SYSTEM_PROMPT
+from .prompts import system_prompt as run_system_prompt
 
 # Ollama renders these with Go's text/template, one turn at a time, and cuts the text after
 # {{ .Response }} on the turn being generated, so the end-of-turn token after it only closes past turns.
@@ -66,9 +66,11 @@ def ollama_template(family: str, chat_template: str | None = None) -> str:
     return template
 
 
-def modelfile_text(gguf_relative: str, family: str, system_prompt: str = SYSTEM_PROMPT,
+def modelfile_text(gguf_relative: str, family: str, system_prompt: str | None = None,
                    chat_template: str | None = None, gguf_type: str | None = None) -> str:
+    """`system_prompt` None: the run's (afinar.prompts.system_prompt, set from run.json)."""
     spec = FAMILIES[family]
+    system_prompt = run_system_prompt() if system_prompt is None else system_prompt
     if '"""' in system_prompt:
         raise UserError('El prompt de sistema no puede contener """ (delimita los bloques del Modelfile).')
     lines = [f"FROM {gguf_relative}"]
