@@ -305,6 +305,12 @@ def _contrast(contrast_md: str | None) -> str:
     return "## Resultados: antes y después del ajuste\n\n" + body
 
 
+def _repetition_penalty(manifest: dict[str, Any]) -> float:
+    """The penalty 02 recorded (--repetition-penalty), which the contrast test and the Modelfile use."""
+    value = _dict(manifest.get("generation")).get("repetition_penalty")
+    return float(value) if isinstance(value, (int, float)) else DEFAULT_REPETITION_PENALTY
+
+
 def _chat_snippet(load_lines: str, manifest: dict[str, Any]) -> str:
     system = json.dumps(system_prompt_of(manifest), ensure_ascii=False)
     question = json.dumps(_example_question(manifest), ensure_ascii=False)
@@ -319,7 +325,7 @@ def _chat_snippet(load_lines: str, manifest: dict[str, Any]) -> str:
         '    mensajes, add_generation_prompt=True, return_tensors="pt", return_dict=True\n'
         ")\n"
         f"salida = modelo.generate(**entrada, max_new_tokens=256, do_sample=False, "
-        f"repetition_penalty={DEFAULT_REPETITION_PENALTY:g})\n"
+        f"repetition_penalty={_repetition_penalty(manifest):g})\n"
         'respuesta = salida[0][entrada["input_ids"].shape[1]:]\n'
         "print(tokenizer.decode(respuesta, skip_special_tokens=True))\n"
         "```"
