@@ -36,9 +36,10 @@ def load_tuned(output_dir: str | Path):
     return model, tokenizer, run_manifest
 
 
-def try_model(output_dir: str | Path, question: str | None, *, chat: bool = True,
+def try_model(output_dir: str | Path, question: str | None, *, chat: bool = True, max_new_tokens: int | None = None,
               input_fn: Callable[[str], str] | None = None, output: TextIO | None = None) -> list[dict[str, str]]:
-    """Answer `question` with streaming output, then chat until an empty line or "salir" (if `chat`)."""
+    """Answer `question` with streaming output, then chat until an empty line or "salir" (if `chat`).
+    `max_new_tokens` None: MIN_CHAT_TOKENS, or the contrast's recorded limit if larger."""
     from . import generation
     from .prompts import configure_from_manifest
 
@@ -53,7 +54,7 @@ def try_model(output_dir: str | Path, question: str | None, *, chat: bool = True
     try:
         return generation.chat(
             model, tokenizer,
-            max_new_tokens=max(MIN_CHAT_TOKENS, int(recorded.get("max_new_tokens", 0))),
+            max_new_tokens=max_new_tokens or max(MIN_CHAT_TOKENS, int(recorded.get("max_new_tokens", 0))),
             repetition_penalty=recorded.get("repetition_penalty", generation.DEFAULT_REPETITION_PENALTY),
             input_fn=input_fn or input, output=output or sys.stdout, first_question=question, interactive=chat,
         )

@@ -232,6 +232,8 @@ def parameters_cell(resolved: list[ResolvedParam], repo_url: str) -> str:
         "# un pequeño chat que termina con una línea vacía o «salir».",
         f'TRY_QUESTION = setting("TRY_QUESTION", {TRY_QUESTION!r})',
         'TRY_CHAT = setting("TRY_CHAT", True, bool)',
+        "# Tokens máximos de cada respuesta de la prueba (un párrafo largo cabe en 300).",
+        'TRY_MAX_NEW_TOKENS = setting("TRY_MAX_NEW_TOKENS", 300, int)',
     ]
     return "\n".join(lines)
 
@@ -394,7 +396,7 @@ def stage_cell(resolved: list[ResolvedParam], key: str) -> str:
 TRY_CELL = """\
 from afinar.tryout import try_model
 
-try_model(OUTPUT_DIR, TRY_QUESTION, chat=TRY_CHAT)
+try_model(OUTPUT_DIR, TRY_QUESTION, chat=TRY_CHAT, max_new_tokens=TRY_MAX_NEW_TOKENS)
 """
 
 
