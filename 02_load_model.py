@@ -49,6 +49,13 @@ def parse_args(argv=None):
                         "1.15 las quitó en las 10 preguntas de contraste, ver BENCHMARKS.md)")
     p.add_argument("--gen-batch-size", type=int, default=8,
                    help="preguntas generadas a la vez, con relleno a la izquierda (por defecto: 8)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--system-prompt", default=None,
+                        help="instrucciones de sistema de cada conversación: el tema y el tono del asistente. Las "
+                             "heredan el entrenamiento (03), el contraste (04), el Modelfile de Ollama y la ficha del "
+                             "modelo (por defecto: el asistente académico de ciencias de la vida, en español)")
+    prompt.add_argument("--system-prompt-file", default=None,
+                        help="lo mismo, leído de un archivo de texto UTF-8 (para instrucciones de varias líneas)")
     p.add_argument("--overwrite", action="store_true",
                    help="borrar un directorio de salida que ya tiene contenido (por defecto: no, se protege)")
     return p.parse_args(cli.argv_or_notebook(argv))

@@ -18,7 +18,8 @@ from afinar.errors import main_guard
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--dataset", default="tu_dataset.json",
-                   help="datos en formato Alpaca, JSON o JSON Lines (por defecto: tu_dataset.json)")
+                   help="datos en formato Alpaca, ShareGPT («conversations») o de chat («messages»), de uno o varios "
+                        "turnos, en JSON o JSON Lines (por defecto: tu_dataset.json)")
     p.add_argument("--check-data", action="store_true",
                    help="solo revisar los datos y terminar, sin cargar ningún modelo (por defecto: no)")
     p.add_argument("--max-steps", type=int, default=None, help=settings.help_text("max_steps", "pasos de entrenamiento"))
@@ -36,6 +37,8 @@ def parse_args(argv=None):
                    help=settings.help_text("save_minutes", "checkpoint cada N minutos"))
     p.add_argument("--logging-steps", type=int, default=None,
                    help=settings.help_text("logging_steps", "pasos entre líneas de registro"))
+    p.add_argument("--eval-steps", type=int, default=None,
+                   help=settings.help_text("eval_steps", "pérdida de evaluación cada N pasos"))
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
                    help=settings.help_text("packing", "empaquetar varios ejemplos seguidos en cada fila, sin mezclar "
                                                       "su atención"))

@@ -1,4 +1,7 @@
-"""Reading and validating an Alpaca dataset file (JSON array or JSON Lines), reporting every problem at once.
+"""Reading and validating a dataset file (JSON array or JSON Lines), reporting every problem at once.
+
+Entries are Alpaca (`instruction`/`input`/`output`), ShareGPT (`conversations`: turns with `from`/`value`) or
+chat `messages` (turns with `role`/`content`), single or multi-turn, told apart entry by entry.
 
 Rules (documented in the README's data section):
 - UTF-8 with or without BOM; `instruction` and `output` are required non-blank strings, `input` is optional
@@ -210,11 +213,104 @@ def _check_text_field(
     return value, controls, newlines
 
 
+# Chat formats, detected per entry by their list field: ShareGPT's `conversations` (turns with `from`/`value`)
+# and the `messages` of chat templates (turns with `role`/`content`).
+CONVERSATION_FORMATS = {
+    "conversations": ("from", "value", {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                                        "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+                                        "model": "assistant", "system": "system"}),
+    "messages": ("role", "content", {"user": "user", "assistant": "assistant", "system": "system"}),
+}
+
+
+def entry_format(record: Any) -> str:
+    """"alpaca", "conversations" (ShareGPT) or "messages": what an entry looks like, decided by its fields."""
+    if isinstance(record, dict):
+        for key in CONVERSATION_FORMATS:
+            if key in record and not any(name in record for name in REQUIRED_FIELDS):
+                return key
+    return "alpaca"
+
+
+def _conversation_entry(record: dict, key: str, where: str, problems: Problems,
+                        stats: CheckStats) -> dict[str, Any] | None:
+    """A ShareGPT or `messages` entry as {instruction, input, output, turns}, or None after its problems.
+
+    `instruction` and `output` are the first question and the last answer, so the checks written for Alpaca
+    entries (lengths, language, the data report) keep working; `turns` is the whole conversation, and training
+    puts the loss on every assistant turn of it (afinar.prompts.tokenize_example).
+    """
+    role_field, text_field, roles = CONVERSATION_FORMATS[key]
+    turns = record[key]
+    if not isinstance(turns, list):
+        problems.add(where, f"debe ser una lista de turnos y es {_type_name(turns)}", key)
+        return None
+    if not turns:
+        problems.add(where, "la lista de turnos está vacía", key)
+        return None
+    before = problems.total
+    parsed: list[dict[str, str]] = []
+    touched_controls = touched_newlines = False
+    for number, turn in enumerate(turns):
+        name = f"{key}[{number}]"
+        if not isinstance(turn, dict):
+            problems.add(where, f"el turno debe ser un objeto y es {_type_name(turn)}", name)
+            continue
+        role = turn.get(role_field)
+        if not isinstance(role, str) or role.strip().lower() not in roles:
+            shown = f"«{role}»" if isinstance(role, str) else _type_name(role)
+            problems.add(where, f"el papel {shown} no se reconoce; usa uno de {', '.join(sorted(set(roles)))}",
+                         f"{name}.{role_field}")
+            continue
+        value, controls, newlines = _check_text_field(turn, text_field, True, where, problems)
+        if value is None:
+            # _check_text_field names the bare field; say which turn it was.
+            if problems.listed and problems.listed[-1].startswith(f"{where}, campo «{text_field}»"):
+                problems.listed[-1] = problems.listed[-1].replace(f"campo «{text_field}»",
+                                                                  f"campo «{name}.{text_field}»", 1)
+            continue
+        touched_controls |= controls
+        touched_newlines |= newlines
+        parsed.append({"role": roles[role.strip().lower()], "content": value})
+    if problems.total > before:
+        return None
+    body = parsed[1:] if parsed[0]["role"] == "system" else parsed
+    for number, turn in enumerate(body):
+        expected = "user" if number % 2 == 0 else "assistant"
+        if turn["role"] != expected:
+            index = number + (len(parsed) - len(body))
+            what = ("el sistema solo puede ir en el primer turno" if turn["role"] == "system" else
+                    f"se esperaba un turno de {'usuario' if expected == 'user' else 'asistente'}: los turnos deben "
+                    f"alternar usuario y asistente, empezando por el usuario")
+            problems.add(where, what, f"{key}[{index}]")
+            return None
+    if len(body) < 2 or body[-1]["role"] != "assistant":
+        problems.add(where, "la conversación debe terminar con una respuesta del asistente (falta el último turno "
+                            "de asistente)", key)
+        return None
+    for name in record:
+        if name != key:
+            stats.extra_fields[name.encode("utf-8", "backslashreplace").decode("utf-8")] += 1
+    stats.control_chars_entries += touched_controls
+    stats.newline_entries += touched_newlines
+    entry: dict[str, Any] = {"instruction": body[0]["content"], "input": "", "output": body[-1]["content"]}
+    if len(parsed) > 2:  # a system turn of its own, or several exchanges: the whole conversation is trained
+        entry["turns"] = parsed
+    return entry
+
+
 def validate_record(record: Any, where: str, problems: Problems, stats: CheckStats) -> dict[str, str] | None:
-    """Return the normalised entry {instruction, input, output}, or None after recording its problems."""
+    """Return the normalised entry {instruction, input, output[, turns]}, or None after recording its problems.
+
+    Alpaca, ShareGPT and `messages` entries are told apart entry by entry (entry_format); a single-turn
+    conversation becomes a plain Alpaca entry, so it is trained, deduplicated and measured exactly like one.
+    """
     if not isinstance(record, dict):
         problems.add(where, f"la entrada no es un objeto JSON, es {_type_name(record)}")
         return None
+    kind = entry_format(record)
+    if kind != "alpaca":
+        return _conversation_entry(record, kind, where, problems, stats)
     before = problems.total
     values = {}
     touched_controls = touched_newlines = False

@@ -71,16 +71,22 @@ class CleanResult:
     dropped_non_spanish: int = 0
 
 
+def _parts(entry: dict) -> list[str]:
+    """The texts an entry is compared and judged by: every user and assistant turn of a conversation."""
+    if entry.get("turns"):
+        return [turn["content"] for turn in entry["turns"] if turn["role"] != "system"]
+    return [entry["instruction"], entry.get("input") or "", entry["output"]]
+
+
 def entry_text(entry: dict) -> str:
-    return "\n".join(part for part in (entry["instruction"], entry.get("input") or "", entry["output"]) if part)
+    return "\n".join(part for part in _parts(entry) if part)
 
 
 # --------------------------------------------------------------------------------------------------- exact
 
 
 def _exact_key(entry: dict) -> bytes:
-    fields = ("instruction", "input", "output")
-    parts = (_SPACES.sub(" ", entry.get(name) or "").strip().casefold() for name in fields)
+    parts = (_SPACES.sub(" ", part or "").strip().casefold() for part in _parts(entry))
     # Hashing keeps one 16-byte key per entry instead of a second copy of every text.
     return hashlib.blake2b("\x1f".join(parts).encode("utf-8"), digest_size=16).digest()
 
@@ -196,7 +202,8 @@ def _identifier():
 
 def guess_language(entry: dict) -> tuple[str | None, float]:
     """(language, probability) of instruction + output, or (None, 0.0) when the text is too short to tell."""
-    text = f"{entry['instruction']}\n{entry['output']}"[:LANGUAGE_MAX_CHARS]
+    # A conversation is judged on all its turns: a Spanish opening must not hide English answers after it.
+    text = (entry_text(entry) if entry.get("turns") else f"{entry['instruction']}\n{entry['output']}")[:LANGUAGE_MAX_CHARS]
     if len(_WORD.findall(text)) < LANGUAGE_MIN_WORDS:
         return None, 0.0
     language, probability = _identifier().classify(text)

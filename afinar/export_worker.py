@@ -20,7 +20,8 @@ from .errors import UserError, main_guard
 from .layout import OutputLayout
 
 
-def export(layout: OutputLayout, base_path: str, merge_dtype: str, formats: list[str]) -> dict:
+def export(layout: OutputLayout, base_path: str, merge_dtype: str, formats: list[str],
+           repetition_penalty: float | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from .merge import merge_adapter
@@ -38,7 +39,7 @@ def export(layout: OutputLayout, base_path: str, merge_dtype: str, formats: list
         preferred = next((f for f in files if f["type"] == "q8_0"), files[0])
         tokenizer = AutoTokenizer.from_pretrained(layout.merged)
         write_modelfile(Path(preferred["path"]), layout.gguf_dir / "Modelfile", tokenizer,
-                        gguf_type=TYPE_DESCRIPTIONS.get(preferred["type"]))
+                        gguf_type=TYPE_DESCRIPTIONS.get(preferred["type"]), repetition_penalty=repetition_penalty)
         record["gguf"] = [{**f, "path": manifest.relative(layout, Path(f["path"]))} for f in files]
     return record
 
@@ -68,7 +69,14 @@ def main(argv=None) -> None:
     p.add_argument("--result", required=True)
     args = p.parse_args(argv)
     formats = [f.strip() for f in args.gguf.split(",") if f.strip() and f.strip() != "none"]
-    record = export(OutputLayout.at(args.output_dir), args.base_path, args.merge_dtype, formats)
+    layout = OutputLayout.at(args.output_dir)
+    from .prompts import configure_from_manifest
+
+    run_manifest = manifest.read(layout)
+    configure_from_manifest(run_manifest)  # the Modelfile's SYSTEM line is the run's system prompt
+    # Ollama answers with the penalty the contrast test generated with (02 --repetition-penalty).
+    penalty = (run_manifest.get("generation") or {}).get("repetition_penalty")
+    record = export(layout, args.base_path, args.merge_dtype, formats, repetition_penalty=penalty)
     atomic.write_json(args.result, record)
 
 

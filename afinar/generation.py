@@ -26,6 +26,8 @@ DEFAULT_BATCH_SIZE = 8
 # run.json and stage 04 reuses it, so "antes" and "después" are always generated alike; the Ollama Modelfile and
 # the model card use the same value. 1.0 turns it off.
 DEFAULT_REPETITION_PENALTY = 1.15
+# Typed alone, these end the chat (an empty line does too): a notebook user has no Ctrl+D.
+END_WORDS = ("salir", "adiós", "adios", "exit", "quit")
 
 
 def generate_answers(
@@ -150,12 +152,15 @@ def chat(
     repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
     input_fn: Callable[[str], str] = input,
     output: TextIO = sys.stdout,
+    first_question: str | None = None,
+    interactive: bool = True,
 ) -> list[dict[str, str]]:
-    """Talk to the model turn by turn, streaming its tokens, until an empty line (or end of input).
+    """Talk to the model turn by turn, streaming its tokens, until an empty line, "salir" (or end of input).
 
     The conversation keeps the training prompt definition (same system prompt, same chat template) and the
     whole history; the oldest turns are dropped only if the history would not fit in the context window.
-    Returns the conversation as chat messages.
+    `first_question` is answered before anything is read (the notebook's "prueba el modelo" cell); with
+    `interactive` False nothing is read at all. Returns the conversation as chat messages.
     """
     from transformers import TextStreamer
 
@@ -168,17 +173,25 @@ def chat(
     stop_ids = stop_token_ids(model, tokenizer)
     device = _model_device(model)
     history: list[dict[str, str]] = []
-    output.write("Chat con el modelo afinado. Escribe tu pregunta; una línea vacía termina.\n")
-    output.flush()
+    if interactive:
+        output.write("Chat con el modelo afinado. Escribe tu pregunta; una línea vacía o «salir» termina.\n")
+        output.flush()
     import torch
 
+    pending = [first_question] if first_question and first_question.strip() else []
     with _inference(model):
         while True:
-            try:
-                line = input_fn("Tú: ")
-            except EOFError:
+            if pending:
+                line = pending.pop()
+                output.write(f"Tú: {line}\n")
+            elif not interactive:
                 break
-            if not line.strip():
+            else:
+                try:
+                    line = input_fn("Tú: ")
+                except EOFError:
+                    break
+            if not line.strip() or line.strip().lower() in END_WORDS:
                 break
             if history:
                 history.append({"role": "user", "content": user_text(line)})
@@ -191,11 +204,13 @@ def chat(
             generated = model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                 do_sample=False, repetition_penalty=float(repetition_penalty), eos_token_id=stop_ids,
-                pad_token_id=tokenizer.pad_token_id, streamer=_Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+                pad_token_id=tokenizer.pad_token_id, streamer=_Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                   clean_up_tokenization_spaces=False),
             )
             reply_ids, _ = split_generated(generated[0, len(prompt):].tolist(), stop_ids, tokenizer.pad_token_id)
             history.append({"role": "assistant", "content": decode(tokenizer, reply_ids)})
-    output.write("Fin del chat.\n")
+    if interactive:
+        output.write("Fin del chat.\n")
     output.flush()
     return history
 

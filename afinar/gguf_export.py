@@ -507,8 +507,15 @@ def _write_file(path: Path, checkpoint: _Checkpoint, plans: list[_TensorPlan], c
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for plan, qtype in zip(plans, qtypes):
+    # A q4_k_m file of a 1B model takes minutes in numpy: one line per tenth, so the cell never looks stuck.
+    shown = 0
+    started = time.perf_counter()
+    for number, (plan, qtype) in enumerate(zip(plans, qtypes), start=1):
         writer.write_tensor_data(_tensor_data(plan, checkpoint, rope, head_dim, qtype, permute))
+        if number * 10 // len(plans) > shown:
+            shown = number * 10 // len(plans)
+            print(f"  {number}/{len(plans)} tensores ({shown * 10} %), {time.perf_counter() - started:.0f} s",
+                  flush=True)
     writer.close()
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
@@ -562,9 +569,12 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, types: tuple[str, ..
     for out_type in types:
         started = time.perf_counter()
         path = out_dir / gguf_file_name(out_type)
+        print(f"Escribiendo {path.name} ...", flush=True)
         with atomic.atomic_path(path) as tmp:
             _write_file(tmp, checkpoint, plans, config, vocab, known[out_type], name)
             write_seconds = time.perf_counter() - started
+            if checker:
+                print(f"  comprobando {path.name} (logits frente al modelo fusionado) ...", flush=True)
             verification = checker.check(tmp, out_type, known[out_type]) if checker else None
             size = tmp.stat().st_size
         results.append({

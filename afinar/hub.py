@@ -47,11 +47,30 @@ _PART_STAGE = {"adapter": "train", "merged": "export", "gguf": "export"}
 
 
 def get_token() -> str | None:
-    """HF_TOKEN from the environment, else the Colab secret HF_TOKEN; None when neither exists."""
-    token = (os.environ.get(TOKEN_ENV) or "").strip()
+    """The token huggingface_hub itself would use, else the Colab secret HF_TOKEN; None when there is none."""
+    return find_token()[0]
+
+
+def find_token() -> tuple[str | None, str]:
+    """(token, where it came from: "env", "login" or "colab"); the source goes to run.json, the token never.
+
+    huggingface_hub.get_token() looks where the Hub's own tools do: HF_TOKEN, then the token file that
+    `hf auth login` or `notebook_login()` leaves (HF_TOKEN_PATH, or HF_HOME/token), then Colab's secrets
+    from inside a notebook kernel. A user who logged in that way must not be told there is no token.
+    """
+    env_token = (os.environ.get(TOKEN_ENV) or "").strip()
+    if env_token:
+        return env_token, "env"
+    try:
+        from huggingface_hub import get_token as hub_get_token
+
+        token = (hub_get_token() or "").strip()
+    except Exception:  # noqa: BLE001 - an OIDC exchange that fails, an unreadable token file: no token then
+        token = ""
     if token:
-        return token
-    return _token_from_colab()
+        return token, "login"
+    token = _token_from_colab()
+    return (token, "colab") if token else (None, "none")
 
 
 def _running_in_colab() -> bool:
@@ -77,7 +96,8 @@ def missing_token_message() -> str:
     return (
         "No se encontró el token de Hugging Face, necesario para publicar con --push. "
         "Crea un token con permiso de escritura en https://huggingface.co/settings/tokens y:\n"
-        "  - en una terminal, guárdalo en la variable de entorno HF_TOKEN sin que quede en el historial: "
+        "  - en una terminal, inicia sesión con «hf auth login» (el token queda guardado para las próximas "
+        "veces) o guárdalo en la variable de entorno HF_TOKEN sin que quede en el historial: "
         "read -rs HF_TOKEN && export HF_TOKEN\n"
         "  - en Colab, añádelo como secreto llamado HF_TOKEN (icono de la llave, panel «Secretos») y "
         "activa «Acceso del cuaderno»; si lanzas el script con !python, copia antes el secreto al entorno "
@@ -195,7 +215,7 @@ def check_push_access(repo_id: str, token: str | None) -> dict[str, Any]:
         "namespace_kind": "user" if namespace == user else "org",
         "namespace_ok": True,
         "token_role": role or "desconocido",
-        "token_source": "env" if (os.environ.get(TOKEN_ENV) or "").strip() else "colab",
+        "token_source": find_token()[1],
         "endpoint": endpoint,
         "checked_at": now_iso(),
     }

@@ -11,6 +11,8 @@ Schema, version 1 (the `schema` field; a newer number was written by a newer afi
     generation         object (optional): max_new_tokens (int), batch_size (int), repetition_penalty (number)
     questions_file     text (optional)
     probe_file         text or null (optional): the misconception probe's pairs (afinar.probe)
+    system_prompt      text (optional): the system prompt of every conversation (02's --system-prompt); missing
+                       in a run.json from before it existed, which means the default (afinar.prompts)
     stages             object: "load" | "train" | "export" -> object with status "done" and finished_at (text)
     train_in_progress  object (optional): a stage 03 that started and has not finished yet
     pushes             list (optional)
@@ -134,6 +136,10 @@ def schema_problem(data: Any) -> str | None:
             why = validation.problem(rule, generation[key])
             if why:
                 return f"el campo «generation.{key}»: {why}"
+    if "system_prompt" in data:
+        why = validation.problem("system_prompt", data["system_prompt"])
+        if why:
+            return f"el campo «system_prompt»: {why}"
     if data.get("probe_file") is not None and not isinstance(data["probe_file"], str):
         return f"el campo «probe_file» debe ser un texto o null y es {_kind(data['probe_file'])}"
     for key, kind in (("questions_file", str), ("created_at", str), ("train_in_progress", dict), ("pushes", list)):

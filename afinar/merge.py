@@ -253,13 +253,16 @@ def merge_adapter(
         warnings.warn(warning, UserWarning, stacklevel=2)
         base = _load_dequantized_base(base_path)
     else:
+        _progress(started, f"cargando la base en 16 bits ({n_params / 1e6:.0f} M parámetros)")
         base = _load_original_base(base_path)
 
+    _progress(started, "aplicando el adaptador y calculando los logits de referencia")
     peft_model = _attach_adapter(base, adapter_path)
     inputs = verification_inputs(tokenizer, prompts)
     reference = compute_logits(peft_model, inputs)
 
     # PEFT adds scale·B@A to each fp32 weight in place; the one cast to 16 bits comes after.
+    _progress(started, "sumando los pesos LoRA a la base")
     merged = peft_model.merge_and_unload(safe_merge=True)
     del peft_model
     merged = merged.to(target_dtype)
@@ -268,8 +271,10 @@ def merge_adapter(
     tied = bool(getattr(merged.config, "tie_word_embeddings", False))
 
     with atomic.atomic_dir(out_dir) as tmp:
+        _progress(started, f"guardando {out_dir.name} (safetensors)")
         _write_merged(merged, tokenizer, generation_config, tmp)
         del merged
+        _progress(started, "comprobando que el modelo guardado responde como base + adaptador")
         verification = _verify_saved(tmp, inputs, reference, tied, dtype)
         verification.update({"tolerance": tolerance, "min_top1_agreement": min_top1})
         _judge(verification, out_dir)
@@ -288,6 +293,11 @@ def merge_adapter(
         "verification": verification,
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def _progress(started: float, what: str) -> None:
+    """One line per phase: merging a 1B model takes minutes, and a silent cell looks stuck."""
+    print(f"  fusión: {what} ... ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
 def _plain_config(config):

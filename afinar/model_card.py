@@ -15,7 +15,7 @@ from typing import Any
 from . import atomic, engine
 from .embedded import EMBEDDED_ALIAS, ORIGINAL_HUB_ID
 from .generation import DEFAULT_REPETITION_PENALTY
-from .prompts import SYSTEM_PROMPT
+from .prompts import DEFAULT_SYSTEM_PROMPT
 
 KINDS = ("merged", "adapter", "gguf")
 LIBRARY_BY_KIND = {"merged": "transformers", "adapter": "peft", "gguf": "gguf"}
@@ -83,6 +83,17 @@ def _train_record(manifest: dict[str, Any]) -> dict[str, Any]:
 def _settings(manifest: dict[str, Any]) -> dict[str, Any]:
     # Stage 03 may record the settings it actually used; those win over the top-level defaults.
     return {**_dict(manifest.get("settings")), **_dict(_train_record(manifest).get("settings"))}
+
+
+def system_prompt_of(manifest: dict[str, Any]) -> str:
+    """The run's system prompt (02's --system-prompt); the default for a run.json from before it existed."""
+    recorded = manifest.get("system_prompt")
+    return recorded if isinstance(recorded, str) and recorded.strip() else DEFAULT_SYSTEM_PROMPT
+
+
+def _own_topic(manifest: dict[str, Any]) -> bool:
+    """A user who chose another system prompt trained another topic: no biology wording on their card."""
+    return system_prompt_of(manifest) != DEFAULT_SYSTEM_PROMPT
 
 
 def base_model_id(manifest: dict[str, Any]) -> str | None:
@@ -196,8 +207,9 @@ def _metadata(kind: str, manifest: dict[str, Any], base_model: str | None) -> st
     from huggingface_hub import ModelCardData
 
     backend = _dict(manifest.get("model")).get("backend")
-    tags = ["lora", "unsloth" if backend == "unsloth" else "peft", "trl", "sft",
-            "español", "biología", "fotosíntesis", "ciencias-de-la-vida"]
+    tags = ["lora", "unsloth" if backend == "unsloth" else "peft", "trl", "sft", "español"]
+    if not _own_topic(manifest):
+        tags += ["biología", "fotosíntesis", "ciencias-de-la-vida"]
     if kind == "gguf":
         tags.append("gguf")
     data = ModelCardData(
@@ -212,7 +224,7 @@ def _metadata(kind: str, manifest: dict[str, Any], base_model: str | None) -> st
     return data.to_yaml()
 
 
-def _intro(kind: str, base_model: str | None, repo_id: str | None) -> str:
+def _intro(kind: str, base_model: str | None, repo_id: str | None, manifest: dict[str, Any]) -> str:
     base = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "un modelo base pequeño"
     what = {
         "merged": "el **modelo completo** (los pesos LoRA ya fusionados con la base, en 16 bits), listo "
@@ -221,13 +233,15 @@ def _intro(kind: str, base_model: str | None, repo_id: str | None) -> str:
         "modelo base",
         "gguf": "el modelo en formato **GGUF**, para usarlo con llama.cpp u Ollama sin GPU",
     }[kind]
-    title = repo_id.split("/")[1] if repo_id else "Asistente académico de ciencias de la vida"
-    return (
-        f"# {title}\n\n"
-        f"Asistente académico en español para ciencias de la vida (biología celular, fotosíntesis, "
-        f"genética...), ajustado con LoRA (fine-tuning supervisado) a partir de {base}. "
-        f"Esta carpeta contiene {what}."
-    )
+    if _own_topic(manifest):
+        title = repo_id.split("/")[1] if repo_id else "Asistente en español afinado con LoRA"
+        topic = (f"Asistente en español ajustado con LoRA (fine-tuning supervisado) a partir de {base}, con estas "
+                 f"instrucciones de sistema:\n\n> {system_prompt_of(manifest)}\n\n")
+    else:
+        title = repo_id.split("/")[1] if repo_id else "Asistente académico de ciencias de la vida"
+        topic = (f"Asistente académico en español para ciencias de la vida (biología celular, fotosíntesis, "
+                 f"genética...), ajustado con LoRA (fine-tuning supervisado) a partir de {base}. ")
+    return f"# {title}\n\n{topic}Esta carpeta contiene {what}."
 
 
 def _repo_structure(repo_id: str | None) -> str:
@@ -263,7 +277,7 @@ def _training(manifest: dict[str, Any]) -> str:
         "y cada ejemplo termina en un único token de fin para que el modelo aprenda a parar.\n\n"
         + _table(("Parámetro", "Valor"), rows)
         + "\n\nInstrucción de sistema usada en el entrenamiento (úsala también al generar):\n\n"
-        + f"> {SYSTEM_PROMPT}"
+        + f"> {system_prompt_of(manifest)}"
     )
     if metric_rows:
         text += "\n\n### Métricas del entrenamiento\n\n" + _table(("Métrica", "Valor"), metric_rows)
@@ -275,10 +289,11 @@ def _data(manifest: dict[str, Any]) -> str:
     rows = [(label, data.get(key)) for key, label in _DATA_ROWS]
     datasets = _hub_datasets(manifest)
     rows.append(("Conjuntos del Hub", datasets or "ninguno (solo archivos locales)"))
+    topic = "" if _own_topic(manifest) else " de ciencias de la vida"
     return (
         "## Datos\n\n"
-        "Pares instrucción/respuesta en español (formato Alpaca) de ciencias de la vida, deduplicados "
-        "y separados en entrenamiento y evaluación.\n\n" + _table(("Dato", "Valor"), rows)
+        f"Conversaciones en español (pares instrucción/respuesta o diálogos de varios turnos){topic}, "
+        "deduplicadas y separadas en entrenamiento y evaluación.\n\n" + _table(("Dato", "Valor"), rows)
     )
 
 
@@ -290,9 +305,15 @@ def _contrast(contrast_md: str | None) -> str:
     return "## Resultados: antes y después del ajuste\n\n" + body
 
 
-def _chat_snippet(load_lines: str) -> str:
-    system = json.dumps(SYSTEM_PROMPT, ensure_ascii=False)
-    question = json.dumps(EXAMPLE_QUESTION, ensure_ascii=False)
+def _repetition_penalty(manifest: dict[str, Any]) -> float:
+    """The penalty 02 recorded (--repetition-penalty), which the contrast test and the Modelfile use."""
+    value = _dict(manifest.get("generation")).get("repetition_penalty")
+    return float(value) if isinstance(value, (int, float)) else DEFAULT_REPETITION_PENALTY
+
+
+def _chat_snippet(load_lines: str, manifest: dict[str, Any]) -> str:
+    system = json.dumps(system_prompt_of(manifest), ensure_ascii=False)
+    question = json.dumps(_example_question(manifest), ensure_ascii=False)
     return (
         "```python\n"
         f"{load_lines}\n\n"
@@ -304,24 +325,28 @@ def _chat_snippet(load_lines: str) -> str:
         '    mensajes, add_generation_prompt=True, return_tensors="pt", return_dict=True\n'
         ")\n"
         f"salida = modelo.generate(**entrada, max_new_tokens=256, do_sample=False, "
-        f"repetition_penalty={DEFAULT_REPETITION_PENALTY:g})\n"
+        f"repetition_penalty={_repetition_penalty(manifest):g})\n"
         'respuesta = salida[0][entrada["input_ids"].shape[1]:]\n'
         "print(tokenizer.decode(respuesta, skip_special_tokens=True))\n"
         "```"
     )
 
 
-def _usage_merged(folder: Path, repo_id: str | None) -> str:
+def _example_question(manifest: dict[str, Any]) -> str:
+    return "Escribe aquí tu pregunta." if _own_topic(manifest) else EXAMPLE_QUESTION
+
+
+def _usage_merged(folder: Path, repo_id: str | None, manifest: dict[str, Any]) -> str:
     source = json.dumps(repo_id or str(folder))
     load = (
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f"tokenizer = AutoTokenizer.from_pretrained({source})\n"
         f"modelo = AutoModelForCausalLM.from_pretrained({source})"
     )
-    return "### Con transformers\n\n" + _chat_snippet(load)
+    return "### Con transformers\n\n" + _chat_snippet(load, manifest)
 
 
-def _usage_adapter(folder: Path, repo_id: str | None, base_model: str | None) -> str:
+def _usage_adapter(folder: Path, repo_id: str | None, base_model: str | None, manifest: dict[str, Any]) -> str:
     base = json.dumps(base_model or "ID_DEL_MODELO_BASE")
     where = f"{json.dumps(repo_id)}, subfolder=\"adapter\"" if repo_id else json.dumps(str(folder))
     has_tokenizer = (folder / "tokenizer_config.json").is_file()
@@ -334,7 +359,7 @@ def _usage_adapter(folder: Path, repo_id: str | None, base_model: str | None) ->
         f"tokenizer = AutoTokenizer.from_pretrained({tokenizer_source})"
     )
     return (
-        "### Con transformers + peft\n\n" + _chat_snippet(load)
+        "### Con transformers + peft\n\n" + _chat_snippet(load, manifest)
         + "\n\nPara obtener un modelo sin dependencia de `peft`, fusiona los pesos con "
         "`modelo = modelo.merge_and_unload()`."
     )
@@ -349,7 +374,7 @@ def _gguf_type_note(file_name: str) -> str:
     return f" — {TYPE_DESCRIPTIONS[found]}" if found else ""
 
 
-def _usage_gguf(folder: Path, repo_id: str | None) -> str:
+def _usage_gguf(folder: Path, repo_id: str | None, manifest: dict[str, Any]) -> str:
     ggufs = sorted(p.name for p in folder.glob("*.gguf")) or ["modelo.gguf"]
     modelfile = folder / "Modelfile"
     files = " ".join(f"gguf/{name}" for name in ggufs[:1]) + (" gguf/Modelfile" if modelfile.is_file() else "")
@@ -371,31 +396,33 @@ def _usage_gguf(folder: Path, repo_id: str | None) -> str:
         f"{download}{modelfile_part}```text\n{modelfile_text}\n```\n\n"
         "```bash\n"
         "ollama create asistente-bio -f Modelfile\n"
-        f'ollama run asistente-bio "{EXAMPLE_QUESTION}"\n'
+        f'ollama run asistente-bio "{_example_question(manifest)}"\n'
         "```\n\n"
         "### Con llama.cpp\n\n"
         f"```bash\nllama-cli -m {ggufs[0]} -cnv\n```"
     )
 
 
-def _usage(kind: str, folder: Path, repo_id: str | None, base_model: str | None) -> str:
+def _usage(kind: str, folder: Path, repo_id: str | None, base_model: str | None, manifest: dict[str, Any]) -> str:
     body = {
-        "merged": lambda: _usage_merged(folder, repo_id),
-        "adapter": lambda: _usage_adapter(folder, repo_id, base_model),
-        "gguf": lambda: _usage_gguf(folder, repo_id),
+        "merged": lambda: _usage_merged(folder, repo_id, manifest),
+        "adapter": lambda: _usage_adapter(folder, repo_id, base_model, manifest),
+        "gguf": lambda: _usage_gguf(folder, repo_id, manifest),
     }[kind]()
     return "## Cómo usarlo\n\nPregunta siempre con la plantilla de chat y la misma instrucción de sistema " \
            "que en el entrenamiento.\n\n" + body
 
 
-def _limitations() -> str:
+def _limitations(manifest: dict[str, Any]) -> str:
+    scope = ("en preguntas del tema de sus instrucciones de sistema" if _own_topic(manifest)
+             else "en preguntas de ciencias de la vida")
     return (
         "## Limitaciones\n\n"
         "- Es un modelo pequeño ajustado con pocos datos: puede equivocarse, inventar datos o referencias "
         "y mezclar conceptos. Comprueba cada respuesta con fuentes fiables.\n"
         "- Está pensado como apoyo al estudio; no sirve para consejo médico, diagnóstico ni decisiones "
         "clínicas o de seguridad.\n"
-        "- Solo se ha evaluado en español y en preguntas de ciencias de la vida; fuera de ese ámbito su "
+        f"- Solo se ha evaluado en español y {scope}; fuera de ese ámbito su "
         "calidad es la del modelo base o peor.\n"
         "- Hereda los sesgos y limitaciones del modelo base y de los datos de entrenamiento."
     )
@@ -430,13 +457,13 @@ def render_model_card(
     manifest = _dict(manifest)
     base_model = base_model_id(manifest)
     sections = [
-        _intro(kind, base_model, repo_id),
+        _intro(kind, base_model, repo_id, manifest),
         _repo_structure(repo_id),
         _training(manifest),
         _data(manifest),
         _contrast(contrast_md),
-        _usage(kind, folder, repo_id, base_model),
-        _limitations(),
+        _usage(kind, folder, repo_id, base_model, manifest),
+        _limitations(manifest),
         _license_section(license_for(manifest, base_model), base_model),
     ]
     body = "\n\n".join(s for s in sections if s)

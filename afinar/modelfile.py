@@ -8,7 +8,7 @@ from pathlib import Path
 from . import atomic
 from .errors import UserError
 from .generation import DEFAULT_REPETITION_PENALTY
-from .prompts import SYSTEM_PROMPT
+from .prompts import system_prompt as run_system_prompt
 
 # Ollama renders these with Go's text/template, one turn at a time, and cuts the text after
 # {{ .Response }} on the turn being generated, so the end-of-turn token after it only closes past turns.
@@ -66,9 +66,13 @@ def ollama_template(family: str, chat_template: str | None = None) -> str:
     return template
 
 
-def modelfile_text(gguf_relative: str, family: str, system_prompt: str = SYSTEM_PROMPT,
-                   chat_template: str | None = None, gguf_type: str | None = None) -> str:
+def modelfile_text(gguf_relative: str, family: str, system_prompt: str | None = None,
+                   chat_template: str | None = None, gguf_type: str | None = None,
+                   repetition_penalty: float | None = None) -> str:
+    """`system_prompt` None: the run's (afinar.prompts.system_prompt, set from run.json).
+    `repetition_penalty` None: the default; otherwise the one 02 recorded, which the contrast test used."""
     spec = FAMILIES[family]
+    system_prompt = run_system_prompt() if system_prompt is None else system_prompt
     if '"""' in system_prompt:
         raise UserError('El prompt de sistema no puede contener """ (delimita los bloques del Modelfile).')
     lines = [f"FROM {gguf_relative}"]
@@ -85,14 +89,14 @@ def modelfile_text(gguf_relative: str, family: str, system_prompt: str = SYSTEM_
     lines += [f'PARAMETER stop "{token}"' for token in spec["stop"]]
     lines += [
         f"PARAMETER temperature {TEMPERATURE}",
-        f"PARAMETER repeat_penalty {REPEAT_PENALTY}",
+        f"PARAMETER repeat_penalty {REPEAT_PENALTY if repetition_penalty is None else repetition_penalty:g}",
         f"PARAMETER num_ctx {NUM_CTX}",
     ]
     return "\n".join(lines) + "\n"
 
 
 def write_modelfile(gguf_path: str | Path, out_path: str | Path, tokenizer,
-                    gguf_type: str | None = None) -> dict[str, str]:
+                    gguf_type: str | None = None, repetition_penalty: float | None = None) -> dict[str, str]:
     """Write the Modelfile at `out_path`, pointing at `gguf_path` relatively so the folder can move."""
     gguf_path, out_path = Path(gguf_path), Path(out_path)
     if not gguf_path.exists():
@@ -101,5 +105,6 @@ def write_modelfile(gguf_path: str | Path, out_path: str | Path, tokenizer,
     relative = relative if relative.startswith(".") else f"./{relative}"
     chat_template = getattr(tokenizer, "chat_template", None)
     family = detect_family(chat_template, tokenizer.get_vocab())
-    atomic.write_text(out_path, modelfile_text(relative, family, chat_template=chat_template, gguf_type=gguf_type))
+    atomic.write_text(out_path, modelfile_text(relative, family, chat_template=chat_template, gguf_type=gguf_type,
+                                               repetition_penalty=repetition_penalty))
     return {"path": str(out_path), "from": relative, "family": family}

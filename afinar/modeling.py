@@ -225,3 +225,24 @@ def save_adapter(peft_model, tokenizer, target: Path, base_model_name: str) -> N
         # Record the public name, not a cache path of this machine, so the adapter is portable.
         config["base_model_name_or_path"] = base_model_name
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def ensure_base_path(run_manifest: dict[str, Any]) -> str:
+    """The recorded base model's folder, fetched again if it is gone; updates run_manifest in memory.
+
+    run.json keeps the folder the base was loaded from: a cache path (the Hub's, or the embedded model's).
+    A Colab reset wipes those caches and keeps the output on Drive, so a later stage would find a run.json
+    pointing at nothing. The public name is recorded too, so the same weights are brought back from it.
+    """
+    recorded = run_manifest["settings"]["base_path"]
+    if (Path(recorded) / "config.json").is_file():
+        return recorded
+    name = run_manifest["model"]["base_model"]
+    if name == embedded.ORIGINAL_HUB_ID and Path(recorded).name == embedded.checkpoint_dir().name:
+        name = embedded.EMBEDDED_ALIAS  # the embedded copy, converted again from its package
+    print(f"El modelo base ya no está en {recorded} (¿se reinició el entorno?): se vuelve a obtener {name} ...",
+          flush=True)
+    _, path = resolve_model(name)
+    run_manifest["settings"]["base_path"] = path
+    run_manifest["model"]["base_path"] = path
+    return path

@@ -39,6 +39,9 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
     "save_steps": (100, 50, "guardar cada N pasos; además se guarda cada --save-minutes"),
     "save_minutes": (10.0, 10.0, "una desconexión de Colab pierde como mucho 10 minutos de trabajo"),
     "logging_steps": (5, 5, "una línea de registro cada 5 pasos"),
+    "eval_steps": (50, None, "pérdida de evaluación sobre las entradas apartadas cada N pasos, en metrics.jsonl y "
+                   "loss.png; en GPU cada 50 (cuesta menos que un paso); en CPU, sin evaluación periódica salvo que "
+                   "la pidas: con 2 núcleos cada evaluación cuesta varios pasos de entrenamiento"),
     "packing": (None, True, "empaquetar en orden evita calcular relleno (un tercio de los tokens de un lote que mezcla "
                 "ensayos y respuestas cortas); en GPU, automático: sí con el motor compilado, no con Unsloth"),
     "engine": ("auto", "auto", "auto: en GPU de 14 GiB o más (la T4 incluida, en fp16), transformers + PEFT compilado con "
@@ -60,7 +63,7 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
 # Settings fixed by stage 02 (the adapter's shape): 03 and 04 must not change them.
 LOAD_KEYS = ("model", "base_path", "backend", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "lora_layers")
 TRAIN_KEYS = ("max_seq_length", "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "seed",
-              "warmup_ratio", "save_steps", "save_minutes", "logging_steps", "packing", "engine", "fp8",
+              "warmup_ratio", "save_steps", "save_minutes", "logging_steps", "eval_steps", "packing", "engine", "fp8",
               "preference", "dpo_beta", "preference_epochs", "preference_learning_rate")
 
 

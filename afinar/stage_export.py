@@ -116,6 +116,11 @@ def run(args) -> dict[str, Any]:
     manifest.require_stage(run_manifest, "load", layout)
     manifest.require_stage(run_manifest, "train", layout)
     push_access = _check_push_first(args)
+    from .prompts import configure_from_manifest
+
+    configure_from_manifest(run_manifest)  # contrast, chat, Modelfile and card use 02's system prompt
+    if not args.push_only:
+        modeling.ensure_base_path(run_manifest)
     parts = _parts(args.what)
     _gguf_formats(args.gguf)  # an unknown type fails here, before the model is loaded
 

@@ -62,6 +62,7 @@ def run(args) -> dict[str, Any]:
     requested = getattr(args, "repetition_penalty", None)
     repetition_penalty = float(DEFAULT_REPETITION_PENALTY if requested is None else requested)
     check_repetition_penalty(repetition_penalty)
+    system_prompt = _system_prompt(getattr(args, "system_prompt", None), getattr(args, "system_prompt_file", None))
     questions = _load_questions(args.questions)
     probe_file = _probe_file(getattr(args, "probe_file", None))
     print(f"Dispositivo: {device.kind} ({device.name}); backend: {backend}; modelo: {model_name}", flush=True)
@@ -73,11 +74,11 @@ def run(args) -> dict[str, Any]:
     with overwrite.set_aside([layout.root] if replacing else []):
         layout.root.mkdir(parents=True, exist_ok=True)
         return _run(args, layout, device, display_name, base_path, backend, load_in_4bit, precision,
-                    repetition_penalty, questions, probe_file)
+                    repetition_penalty, questions, probe_file, system_prompt)
 
 
 def _run(args, layout, device, display_name, base_path, backend, load_in_4bit, precision, repetition_penalty,
-         questions, probe_file) -> dict[str, Any]:
+         questions, probe_file, system_prompt) -> dict[str, Any]:
     resolved = {key: settings.default(key, device.kind) for key in settings.TRAIN_KEYS}
     resolved.update({
         "model": display_name, "base_path": base_path, "backend": backend, "load_in_4bit": load_in_4bit,
@@ -101,11 +102,15 @@ def _run(args, layout, device, display_name, base_path, backend, load_in_4bit, p
         "versions": library_versions(),
         "questions_file": str(Path(args.questions).resolve()),
         "probe_file": probe_file,
+        "system_prompt": system_prompt,
         "generation": {"max_new_tokens": args.max_new_tokens, "do_sample": False, "batch_size": args.gen_batch_size,
                        "repetition_penalty": repetition_penalty},
         "stages": {},
     }
     manifest.write(layout, run_manifest)
+    from .prompts import configure_from_manifest
+
+    configure_from_manifest(run_manifest)  # the "antes" answers are asked with the run's system prompt
 
     started = time.perf_counter()
     print("Cargando el modelo base y preparando LoRA ...", flush=True)
@@ -130,6 +135,32 @@ def _run(args, layout, device, display_name, base_path, backend, load_in_4bit, p
         answers_before=manifest.relative(layout, layout.answers_before),
     )
     return {"layout": layout, "rows": rows}
+
+
+def _system_prompt(text: str | None, path: str | None) -> str:
+    """The run's system prompt: --system-prompt, the text of --system-prompt-file, or the default."""
+    from .prompts import DEFAULT_SYSTEM_PROMPT
+
+    option = "--system-prompt"
+    if path is not None:
+        option = "--system-prompt-file"
+        file = Path(path)
+        if not file.is_file():
+            raise UserError(f"--system-prompt-file {path}: el archivo no existe. Comprueba la ruta.")
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(f"--system-prompt-file {path}: no es texto UTF-8 (byte {err.start}). Guárdalo como "
+                            f"UTF-8.") from None
+        except OSError as err:
+            raise UserError(f"--system-prompt-file {path}: no se puede leer ({err.strerror}).") from None
+    if text is None:
+        return DEFAULT_SYSTEM_PROMPT
+    text = text.strip()
+    why = validation.problem("system_prompt", text)
+    if why:
+        raise UserError(f"{option}{' ' + path if path else ''}: {why}.")
+    return text
 
 
 def _check_lora_layers(base_path: str, lora_layers: int | None) -> None:

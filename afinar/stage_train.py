@@ -123,6 +123,10 @@ def run(args) -> dict[str, Any]:
     manifest.require_stage(run_manifest, "load", layout)
     validation.require_writable(layout.root)
     _refuse_rerun(layout, run_manifest, args.overwrite, args.resume)
+    modeling.ensure_base_path(run_manifest)
+    from .prompts import configure_from_manifest
+
+    configure_from_manifest(run_manifest)  # training sees the system prompt chosen in stage 02
 
     print("Ajustes (heredados de la etapa 02 salvo que una opción los cambie):")
     recorded = run_manifest["settings"]
@@ -204,7 +208,7 @@ def _prepare_and_train(args, layout: OutputLayout, run_manifest: dict, resolved:
     metrics = train(model, tokenizer, prepared.train, layout=layout, settings=resolved, precision=precision,
                     resume=args.resume, packing=resolved["packing"],
                     fixed_length=plan.compile_layers, open_rows=plan.open_rows,
-                    gradient_checkpointing=plan.trainer_checkpointing,
+                    gradient_checkpointing=plan.trainer_checkpointing, eval_entries=prepared.eval,
                     kernel_fallback=engine.kernel_fallback(model, plan))
     metrics["engine"] = plan.as_dict()
     metrics["preference"] = _preference_phase(model, tokenizer, prepared.train, resolved, device.kind, precision)

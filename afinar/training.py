@@ -88,7 +88,11 @@ def _make_trainer_class(loss_impl: str = "auto"):
         first_bad_step = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            self.real_tokens += int(inputs.pop("real_tokens"))
+            tokens = int(inputs.pop("real_tokens"))
+            if not model.training:
+                # The periodic evaluation: the same response-only loss, and no training-token count.
+                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            self.real_tokens += tokens
             if use_fused_head:
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             elif model is self.model and not return_outputs:
@@ -160,6 +164,9 @@ def _make_callbacks(layout: OutputLayout, save_minutes: float):
                 self.rows = [r for r in self.rows if r["step"] <= state.global_step]
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "eval_loss" in logs and state.is_world_process_zero:
+                self._eval_row(state, logs["eval_loss"])
+                return
             if not logs or "loss" not in logs:
                 return
             now = time.perf_counter()
@@ -176,6 +183,17 @@ def _make_callbacks(layout: OutputLayout, save_minutes: float):
             atomic.write_jsonl(layout.metrics, self.rows)
             print(f"step={row['step']} loss={row['loss']:.4f} lr={row['learning_rate']:.2e} "
                   f"tokens_per_second={row['tokens_per_second']:.0f}", flush=True)
+
+        def _eval_row(self, state, value: float) -> None:
+            """eval_loss joins the training row of its step (evaluation runs right after that step's log),
+            or gets a row of its own; readers of metrics.jsonl take "loss" and "eval_loss" where present."""
+            row = self.rows[-1] if self.rows and self.rows[-1]["step"] == state.global_step else None
+            if row is None:
+                row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 3)}
+                self.rows.append(row)
+            row["eval_loss"] = round(value, 5)
+            atomic.write_jsonl(layout.metrics, self.rows)
+            print(f"step={row['step']} eval_loss={row['eval_loss']:.4f}", flush=True)
 
     class TimedCheckpointCallback(TrainerCallback):
         """Save every `save_minutes` as well as every `save_steps`: bounds the work a disconnect loses."""
@@ -238,18 +256,24 @@ def _restore_adapter_dtypes_(model, dtypes: dict) -> None:
 def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, settings: dict[str, Any],
           precision: str, resume: bool = False, packing: bool = False, loss_impl: str = "auto",
           fixed_length: bool = False, open_rows: int = 1,
-          gradient_checkpointing: bool | None = None, kernel_fallback=None) -> dict[str, Any]:
+          gradient_checkpointing: bool | None = None, eval_entries: list[dict] | None = None,
+          kernel_fallback=None) -> dict[str, Any]:
     """Run SFT and return the metrics for run.json. The adapter itself is saved by the caller.
 
     fixed_length pads every row to max_seq_length: compiled layers then see one shape and compile once.
     gradient_checkpointing: the engine plan's choice; None leaves it to TRL (on by default), for Unsloth,
-    which checkpoints in its own way. kernel_fallback: afinar.engine.kernel_fallback's function, tried when
-    the first step fails.
+    which checkpoints in its own way.
+    eval_entries: the held-out split; with settings["eval_steps"], its loss every that many steps.
+    kernel_fallback: afinar.engine.kernel_fallback's function, tried when the first step fails.
     """
     from trl import SFTConfig
 
     dataset = build_dataset(train_entries, tokenizer, settings["max_seq_length"], packing, open_rows)
     max_steps = settings.get("max_steps") or -1
+    eval_steps = settings.get("eval_steps")
+    # Unpacked, one row per entry: the loss of each held-out answer, as 04's perplexity scores it.
+    eval_dataset = (build_dataset(eval_entries, tokenizer, settings["max_seq_length"], False)
+                    if eval_entries and eval_steps else None)
     config = SFTConfig(
         output_dir=str(layout.checkpoints),
         per_device_train_batch_size=settings["batch_size"],
@@ -260,6 +284,10 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
         warmup_steps=warmup_for(settings, len(dataset), distributed.world_size()),  # below 1: a ratio of the steps
         lr_scheduler_type="linear",
         logging_steps=settings["logging_steps"],
+        eval_strategy="steps" if eval_dataset is not None else "no",
+        eval_steps=eval_steps if eval_dataset is not None else None,
+        per_device_eval_batch_size=settings["batch_size"],
+        prediction_loss_only=True,  # only the loss: no logits of the whole split kept in memory
         save_strategy="steps",
         save_steps=settings["save_steps"],
         save_total_limit=2,
@@ -288,8 +316,8 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
     collator = Collator(tokenizer.pad_token_id, pad_to=settings["max_seq_length"] if fixed_length else None,
                         rows=settings["batch_size"] if fixed_length else None)
     adapter_dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
-    trainer = trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                          data_collator=collator, callbacks=[metrics_cb, timed_cb])
+    trainer = trainer_cls(model=model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
+                          processing_class=tokenizer, data_collator=collator, callbacks=[metrics_cb, timed_cb])
     _restore_adapter_dtypes_(model, adapter_dtypes)
     metrics_cb.trainer = timed_cb.trainer = trainer
     trainer.kernel_fallback = kernel_fallback
@@ -321,11 +349,14 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
     rows = metrics_cb.rows
     real_tokens = distributed.sum_across_ranks(trainer.real_tokens)
     _plot_loss(layout, rows)
+    logged = [r for r in rows if "loss" in r]
+    evaluated = [r for r in rows if "eval_loss" in r]
     return {
         "global_step": trainer.state.global_step,
         "planned_steps": trainer.state.max_steps,
-        "final_loss": rows[-1]["loss"] if rows else output.training_loss,
-        "first_loss": rows[0]["loss"] if rows else None,
+        "final_loss": logged[-1]["loss"] if logged else output.training_loss,
+        "first_loss": logged[0]["loss"] if logged else None,
+        "final_eval_loss": evaluated[-1]["eval_loss"] if evaluated else None,
         "train_loss": output.training_loss,
         "seconds": round(seconds, 1),
         "real_tokens": real_tokens,
@@ -363,8 +394,15 @@ def _plot_loss(layout: OutputLayout, rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    logged = [r for r in rows if "loss" in r]
+    evaluated = [r for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o", markersize=3)
+    ax.plot([r["step"] for r in logged], [r["loss"] for r in logged], marker="o", markersize=3,
+            label="entrenamiento")
+    if evaluated:
+        ax.plot([r["step"] for r in evaluated], [r["eval_loss"] for r in evaluated], marker="s", markersize=4,
+                label="evaluación (entradas apartadas)")
+        ax.legend()
     ax.set_xlabel("paso")
     ax.set_ylabel("pérdida (entropía cruzada)")
     ax.set_title("Curva de pérdida del entrenamiento")

@@ -27,7 +27,7 @@ class Rule:
         if self.kind == "bool":
             return "true o false"
         if self.kind == "text":
-            return "un texto no vacío"
+            return "un texto no vacío" + (f" de {_num(self.high)} caracteres como mucho" if self.high else "")
         if self.kind in ("choice", "formats"):
             return "uno de " + ", ".join(self.choices)
         noun = "un número entero" if self.kind == "int" else "un número finito"
@@ -46,6 +46,7 @@ def _num(value: float) -> str:
 SEED_MAX = 2**32 - 1  # numpy's RandomState, seeded by the trainer, accepts no more
 # Below this no example keeps a single response token once the chat template is applied: nothing to learn.
 MIN_SEQ_LENGTH = 32
+SYSTEM_PROMPT_MAX = 2000  # characters
 
 RULES: dict[str, Rule] = {
     # stage 02 (the adapter's shape)
@@ -61,6 +62,8 @@ RULES: dict[str, Rule] = {
     "max_new_tokens": Rule("int", low=1, high=32768),
     "gen_batch_size": Rule("int", low=1, high=4096),
     "repetition_penalty": Rule("number", low=0, low_open=True, high=100),
+    # Every training example carries it: a page of text would crowd out the answers in max_seq_length.
+    "system_prompt": Rule("text", high=SYSTEM_PROMPT_MAX),
     # stage 03 (training)
     "max_seq_length": Rule("int", low=MIN_SEQ_LENGTH, high=1_048_576),
     "learning_rate": Rule("number", low=0, low_open=True),
@@ -73,6 +76,7 @@ RULES: dict[str, Rule] = {
     "save_steps": Rule("int", low=1, high=10**9),
     "save_minutes": Rule("number", low=0, low_open=True, high=10**6),
     "logging_steps": Rule("int", low=1, high=10**9),
+    "eval_steps": Rule("int", low=1, high=10**9, nullable=True),  # None: no periodic evaluation
     "packing": Rule("bool", nullable=True),
     "engine": Rule("choice", choices=("auto", "unsloth", "compiled", "eager"), nullable=True),
     "fp8": Rule("bool", nullable=True),
@@ -97,7 +101,14 @@ def problem(name: str, value: Any) -> str | None:
     if rule.kind == "bool":
         return None if isinstance(value, bool) else f"{_shown(value)} no vale; debe ser {rule.describe()}"
     if rule.kind == "text":
-        return None if isinstance(value, str) and value.strip() else f"{_shown(value)} no vale; debe ser {rule.describe()}"
+        if not isinstance(value, str) or not value.strip():
+            return f"{_shown(value)} no vale; debe ser {rule.describe()}"
+        if rule.high is not None and len(value) > rule.high:
+            return f"tiene {len(value)} caracteres; debe ser {rule.describe()}"
+        if name == "system_prompt" and '"""' in value:
+            # The Ollama Modelfile wraps it in triple quotes, which cannot be escaped there.
+            return 'contiene comillas triples (""") y no puede ir en el Modelfile de Ollama; quítalas'
+        return None
     if rule.kind == "choice":
         return None if value in rule.choices else f"{_shown(value)} no vale; debe ser {rule.describe()}"
     if rule.kind == "formats":

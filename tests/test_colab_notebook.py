@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -39,8 +40,27 @@ def _source(cell) -> str:
 
 
 def test_committed_notebook_is_generated_from_the_scripts():
-    assert NOTEBOOK.read_text(encoding="utf-8") == _make_colab().render(), (
+    make_colab = _make_colab()
+    committed = NOTEBOOK.read_text(encoding="utf-8")
+    # The URL is whatever the clone that generated it had as origin (or none); the rest comes from the scripts.
+    url = make_colab.committed_repo_url(committed)
+    assert url is not None and "USUARIO" not in url
+    assert committed == make_colab.render(url), (
         "colab.ipynb no coincide con los scripts: ejecuta python tools/make_colab.py")
+
+
+def test_repo_url_comes_from_the_git_remote_without_credentials(tmp_path):
+    make_colab = _make_colab()
+    repo = tmp_path / "clon"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    assert make_colab.detect_repo_url(repo) == ""  # no remote: the notebook asks for a zip instead
+    subprocess.run(["git", "-C", str(repo), "remote", "add", "origin", "git@github.com:ana/afinar.git"], check=True)
+    assert make_colab.detect_repo_url(repo) == "https://github.com/ana/afinar.git"  # Colab has no ssh keys
+    subprocess.run(["git", "-C", str(repo), "remote", "set-url", "origin",
+                    "https://ana:ghp_SECRETO123@github.com/ana/afinar.git"], check=True)
+    assert make_colab.detect_repo_url(repo) == "https://github.com/ana/afinar.git"  # never a token in the notebook
+    text = make_colab.render("https://github.com/ana/afinar.git")
+    assert make_colab.committed_repo_url(text) == "https://github.com/ana/afinar.git"
 
 
 def test_parameters_default_to_the_scripts_defaults_and_read_the_environment(monkeypatch):
@@ -60,7 +80,8 @@ def test_parameters_default_to_the_scripts_defaults_and_read_the_environment(mon
     assert defaults["DATASET"] == parsed["03"].dataset
     assert defaults["GGUF"] == parsed["04"].gguf == "q8_0"
     assert defaults["MODEL"] is None and defaults["MAX_STEPS"] is None and defaults["LEARNING_RATE"] is None
-    assert defaults["PUSH"] is False and defaults["RESUME"] is False and defaults["REPO_ID"] is None
+    assert defaults["PUSH"] is False and defaults["OVERWRITE"] is False and defaults["REPO_ID"] is None
+    assert defaults["DRIVE_OUTPUT"] is False and defaults["WORK_DIR"] == "/content"
     # Every default is explained next to its variable, with the script's own help text.
     assert "# --lora-r (02): rango de LoRA (por defecto: 16;" in source
 
@@ -101,7 +122,9 @@ def executed(tmp_path_factory):
     dataset.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
 
     # Only the notebook's own parameters are cleared: AFINAR_CACHE (where the embedded model lives) stays.
-    parameters = {f"AFINAR_{p.name}" for p in _make_colab().PARAMS} | {"AFINAR_REPO_URL"}
+    parameters = {f"AFINAR_{p.name}" for p in _make_colab().PARAMS} | {
+        "AFINAR_REPO_URL", "AFINAR_DRIVE_OUTPUT", "AFINAR_PROJECT_DRIVE_DIR", "AFINAR_WORK_DIR", "AFINAR_TRY_QUESTION",
+        "AFINAR_TRY_CHAT"}
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("HF_", "HUGGING", "COLAB_")) and k not in parameters and k != "TRANSFORMERS_OFFLINE"}
     salida_before = (ROOT / "salida").exists()
@@ -110,7 +133,7 @@ def executed(tmp_path_factory):
             "AFINAR_OUTPUT_DIR": str(out), "AFINAR_QUESTIONS": str(questions), "AFINAR_DATASET": str(dataset),
             "AFINAR_MAX_STEPS": "2", "AFINAR_BATCH_SIZE": "2", "AFINAR_LOGGING_STEPS": "1",
             "AFINAR_MAX_SEQ_LENGTH": "256", "AFINAR_MAX_NEW_TOKENS": "16",
-            "AFINAR_PUSH": "1", "AFINAR_REPO_ID": REPO_ID,
+            "AFINAR_PUSH": "1", "AFINAR_REPO_ID": REPO_ID, "AFINAR_TRY_CHAT": "0",
             "HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1",
             "HF_HOME": str(work / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
         })

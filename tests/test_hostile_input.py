@@ -78,6 +78,7 @@ BAD_FLAGS = [
     ("03", ["--save-steps", "0"], "--save-steps"),
     ("03", ["--save-minutes", "-1"], "--save-minutes"),
     ("03", ["--logging-steps", "0"], "--logging-steps"),
+    ("03", ["--eval-steps", "0"], "--eval-steps"),
     ("03", ["--eval-fraction", "1"], "--eval-fraction"),
     ("03", ["--hub-ratio", "nan"], "--hub-ratio"),
     ("04", ["--gguf", "nonsense"], "--gguf"),  # used to fail after the contrast and the merge

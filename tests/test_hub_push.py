@@ -319,7 +319,9 @@ def test_adapter_only_push_puts_its_card_at_the_root(online, tmp_path):
     assert fake_hub.state.repos[REPO_ID]["visibility"] == "private"
 
 
-def test_get_token_prefers_environment(monkeypatch):
+def test_get_token_prefers_environment(monkeypatch, tmp_path):
+    # A cached login elsewhere on this machine must not answer for "no token".
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no_token"))
     monkeypatch.setenv("HF_TOKEN", f"  {TOKEN}\n")
     assert hub.get_token() == TOKEN
     monkeypatch.delenv("HF_TOKEN")
@@ -334,9 +336,10 @@ def test_offline_mode_is_explained_before_any_request(online, monkeypatch):
     assert online.requests == []
 
 
-def test_get_token_reads_the_colab_secret_only_inside_colab(monkeypatch):
+def test_get_token_reads_the_colab_secret_only_inside_colab(monkeypatch, tmp_path):
     """google.colab only exists inside Colab, so its userdata module is recreated here with the same API."""
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no_token"))
     secrets = {"HF_TOKEN": TOKEN}
 
     def get(name):
@@ -383,3 +386,28 @@ def test_export_script_push_only_and_missing_token(fake_hub, tmp_path):
     assert refused.returncode == 2
     assert "No se encontró el token de Hugging Face" in refused.stderr
     assert _hashes(layout.root) == before  # nothing recomputed, nothing rewritten
+
+
+@pytest.mark.parametrize("where", ["HF_HOME", "HF_TOKEN_PATH"])
+def test_a_cached_login_is_found_without_hf_token(fake_hub, tmp_path, where):
+    """`hf auth login` / notebook_login() leave the token in a file; huggingface_hub.get_token() finds it."""
+    layout = _make_output_dir(tmp_path / "salida")
+    token_file = tmp_path / "hf_home" / "token" if where == "HF_HOME" else tmp_path / "otra" / "mi_token"
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    token_file.write_text(TOKEN + "\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HF_", "HUGGING", "COLAB_")) and k != "TRANSFORMERS_OFFLINE"}
+    env.update(HF_ENDPOINT=fake_hub.endpoint, HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf_home"),
+               HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(REPO_ROOT))
+    if where == "HF_TOKEN_PATH":
+        env["HF_TOKEN_PATH"] = str(token_file)
+    argv = [sys.executable, "-c", DRIVER, "--output-dir", str(layout.root), "--repo-id", REPO_ID]
+
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert "No se encontró el token" not in result.stderr
+    assert fake_hub.repo_files(REPO_ID) == _expected_repo_files(layout)
+    recorded = json.loads(layout.manifest.read_text(encoding="utf-8"))["stages"]["export"]["hub"]
+    assert recorded["access"]["token_source"] == "login"
+    assert TOKEN not in result.stdout + result.stderr + layout.manifest.read_text(encoding="utf-8")

@@ -189,3 +189,10 @@ def test_the_card_of_a_t4_run_says_fp16_and_the_attention_that_ran(tmp_path):
 
     row = next(line for line in text.splitlines() if line.startswith("| Motor de entrenamiento"))
     assert "descuantizada una vez a fp16" in row and "SDPA" in row and "flex" in row and "FP8" not in row
+
+
+def test_the_card_snippet_generates_with_the_penalty_02_recorded(tmp_path):
+    manifest = _manifest(base_model="unsloth/Llama-3.2-1B-Instruct", backend="unsloth", load_in_4bit=True)
+    manifest["generation"] = {"max_new_tokens": 200, "batch_size": 8, "repetition_penalty": 1.3}
+    text = render_model_card(tmp_path, kind="adapter", manifest=manifest, repo_id=None)
+    assert "repetition_penalty=1.3)" in text

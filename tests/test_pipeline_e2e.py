@@ -50,7 +50,10 @@ def test_manifest_records_every_stage(pipeline):
     assert manifest["settings"]["lora_r"] == 16 and manifest["settings"]["max_steps"] == 3
     assert manifest["stages"]["train"]["metrics"]["global_step"] == 3
     assert manifest["versions"]["trl"] == "1.15.0"
-    assert manifest["stages"]["export"]["merge"]["verification"]["max_abs_logit_diff"] >= 0
+    # The merged model read back from disk answers like base + adapter: within the tolerance, same top token.
+    check = manifest["stages"]["export"]["merge"]["verification"]
+    assert 0 <= check["relative_max_diff"] <= check["tolerance"], check
+    assert check["top1_agreement"] >= check["min_top1_agreement"] > 0.5, check
 
 
 def test_adapter_weights_changed(pipeline):

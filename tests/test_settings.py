@@ -32,8 +32,14 @@ def test_02_rank_flag_default_matches_the_documented_default():
     assert args.lora_alpha is None, "without --lora-alpha, stage 02 derives it with settings.lora_alpha_for"
 
 
-def test_contrast_and_ollama_use_the_same_repetition_penalty():
-    assert REPEAT_PENALTY == DEFAULT_REPETITION_PENALTY
+def test_ollama_answers_with_the_repetition_penalty_the_contrast_test_used():
+    from afinar.modelfile import modelfile_text
+
+    default = modelfile_text("./m.gguf", "chatml", system_prompt="Responde.")
+    assert f"PARAMETER repeat_penalty {DEFAULT_REPETITION_PENALTY:g}\n" in default
+    # A run whose 02 recorded --repetition-penalty 1.3 gets 1.3 in its Modelfile, not the default.
+    chosen = modelfile_text("./m.gguf", "chatml", system_prompt="Responde.", repetition_penalty=1.3)
+    assert "PARAMETER repeat_penalty 1.3\n" in chosen and f"repeat_penalty {REPEAT_PENALTY:g}" not in chosen
 
 
 def test_repetition_penalty_flag_is_checked_before_anything_is_written(tmp_path):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
+import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -20,8 +22,7 @@ from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "colab.ipynb"
-# Cloned only inside Colab; elsewhere the notebook runs from the repository it sits in.
-REPO_URL = "https://github.com/USUARIO/afinar.git"
+CELLS = ROOT / "tools" / "colab_cells"
 ENV_PREFIX = "AFINAR_"
 COMMENT_WIDTH = 116
 
@@ -52,11 +53,13 @@ PARAMS = (
     Param("LEARNING_RATE", "--learning-rate", ("03",)),
     Param("BATCH_SIZE", "--batch-size", ("03",)),
     Param("LOGGING_STEPS", "--logging-steps", ("03",), "La curva de pérdida (loss.png) usa estas líneas."),
-    Param("RESUME", "--resume", ("03",),
-          "Tras una interrupción: pon True y ejecuta desde la etapa 02 (que entonces se salta)."),
+    Param("EVAL_STEPS", "--eval-steps", ("03",),
+          "Con entradas apartadas (--eval-fraction), su pérdida aparece en metrics.jsonl y en loss.png."),
     Param("GGUF", "--gguf", ("04",)),
     Param("OVERWRITE", "--overwrite", ("02", "03", "04"),
-          "True repite las tres etapas desde cero: la 02 borra el contenido de OUTPUT_DIR."),
+          "True repite las tres etapas desde cero: la 02 borra el contenido de OUTPUT_DIR. Con False, «Ejecutar "
+          "todo» sigue donde se quedó (tras una desconexión o un reinicio): se salta lo terminado según run.json "
+          "y el entrenamiento continúa desde su último checkpoint."),
     Param("PUSH", "--push", (), "La celda de subida (al final) usa --push-only, con el secreto HF_TOKEN."),
     Param("REPO_ID", "--repo-id", ("04", PUSH), "La etapa 04 lo cita en las fichas del modelo."),
     Param("PRIVATE", "--private", (PUSH,)),
@@ -123,6 +126,51 @@ def script_summary(module: ModuleType) -> str:
     return " ".join(module.__doc__.strip().split("\n\n")[0].split(":", 1)[-1].split())
 
 
+# ------------------------------------------------------------------------------------ the repository URL
+
+_SCP_LIKE = re.compile(r"^(?:[\w.-]+@)?(?P<host>[\w.-]+):(?P<path>[^/].*)$")
+
+
+def public_url(url: str) -> str:
+    """The remote as Colab can clone it: https, with no user name or token in it.
+
+    An ssh remote (git@github.com:ana/afinar.git) needs keys Colab does not have; an https remote may carry a
+    token (https://ana:hf_...@github.com/...), which must never end up in a notebook that gets shared.
+    """
+    url = url.strip()
+    scp = _SCP_LIKE.match(url)
+    if scp and "://" not in url:
+        return f"https://{scp['host']}/{scp['path']}"
+    found = re.match(r"^(?P<scheme>[a-z+]+)://(?:[^@/]*@)?(?P<rest>.*)$", url)
+    if not found:
+        return url
+    scheme = "https" if found["scheme"] in ("ssh", "git", "git+ssh", "http") else found["scheme"]
+    return f"{scheme}://{found['rest']}"
+
+
+def detect_repo_url(root: Path = ROOT) -> str:
+    """`git remote get-url origin`, made public; "" when there is no git or no remote (the notebook then asks
+    for a zip of the project, see tools/colab_cells/proyecto.py)."""
+    try:
+        done = subprocess.run(["git", "-C", str(root), "remote", "get-url", "origin"], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return public_url(done.stdout) if done.returncode == 0 and done.stdout.strip() else ""
+
+
+def committed_repo_url(text: str) -> str | None:
+    """The URL written in a generated notebook's parameters cell: --check compares against the notebook
+    generated with it, because the detected one depends on where the repository was cloned from."""
+    import ast
+    import json
+
+    cells = {cell.get("id"): cell for cell in json.loads(text).get("cells", [])}
+    source = cells.get("parametros", {}).get("source", "")
+    found = re.search(r'^REPO_URL = setting\("REPO_URL", (?P<value>.+)\)$', "".join(source), re.M)
+    return ast.literal_eval(found["value"]) if found else None
+
+
 # -------------------------------------------------------------------------------------------- the cells
 
 
@@ -136,7 +184,7 @@ def where(param: Param) -> str:
     return f" ({', '.join(names)})" if names else ""
 
 
-def parameters_cell(resolved: list[ResolvedParam]) -> str:
+def parameters_cell(resolved: list[ResolvedParam], repo_url: str) -> str:
     lines = [
         "# Parámetros: cámbialos aquí y vuelve a ejecutar esta celda. Cada uno es una opción de los scripts,",
         "# con el mismo valor por defecto; None deja que el script decida (a veces, según haya GPU o no).",
@@ -145,16 +193,30 @@ def parameters_cell(resolved: list[ResolvedParam]) -> str:
         "",
         "",
         "def setting(name, default, kind=str):",
-        f'    raw = os.environ.get("{ENV_PREFIX}" + name, "").strip()',
-        "    if not raw:",
+        f'    raw = os.environ.get("{ENV_PREFIX}" + name)',
+        "    if raw is None or (not raw.strip() and kind is not str):",
         "        return default",
+        "    raw = raw.strip()",
         "    if kind is bool:",
         '        return raw.lower() in ("1", "true", "yes", "si", "sí")',
         "    return kind(raw)",
         "",
         "",
-        "# Repositorio que se clona en Colab; fuera de Colab se usa la carpeta actual.",
-        f'REPO_URL = setting("REPO_URL", {REPO_URL!r})',
+        "# Google Drive: con True, OUTPUT_DIR queda en «Mi unidad/afinar/» y sobrevive a un reinicio del entorno",
+        "# (que borra /content); «Ejecutar todo» continúa entonces donde se quedó. Drive se monta una sola vez.",
+        'DRIVE_OUTPUT = setting("DRIVE_OUTPUT", False, bool)',
+        "",
+        "# De dónde sale el código en Colab (fuera de Colab se usa la carpeta actual), por este orden:",
+        "# PROJECT_DRIVE_DIR: la carpeta del proyecto (o su zip) en Google Drive, p. ej. \"MyDrive/afinar\";",
+        "# REPO_URL: el repositorio que se clona (" + ("tomado del repositorio al generar el cuaderno" if repo_url
+                                                        else "vacío: el cuaderno se generó sin repositorio remoto")
+        + ");",
+        "# si no hay ninguno de los dos o la clonación falla (un repositorio privado), la celda pide un zip del",
+        "# proyecto que subes desde el navegador.",
+        'PROJECT_DRIVE_DIR = setting("PROJECT_DRIVE_DIR", None)',
+        f'REPO_URL = setting("REPO_URL", {repo_url!r})',
+        "# Carpeta local del entorno: /content en Colab (un reinicio la borra).",
+        'WORK_DIR = setting("WORK_DIR", "/content")',
     ]
     for item in resolved:
         p = item.param
@@ -164,7 +226,19 @@ def parameters_cell(resolved: list[ResolvedParam]) -> str:
             lines += comment(p.note)
         kind = "" if item.kind is str else f", {item.kind.__name__}"
         lines.append(f'{p.name} = setting("{p.name}", {item.default!r}{kind})')
+    lines += [
+        "",
+        "# La celda «Prueba el modelo» (al final): una pregunta con la respuesta en directo y, con TRY_CHAT = True,",
+        "# un pequeño chat que termina con una línea vacía o «salir».",
+        f'TRY_QUESTION = setting("TRY_QUESTION", {TRY_QUESTION!r})',
+        'TRY_CHAT = setting("TRY_CHAT", True, bool)',
+        "# Tokens máximos de cada respuesta de la prueba (un párrafo largo cabe en 300).",
+        'TRY_MAX_NEW_TOKENS = setting("TRY_MAX_NEW_TOKENS", 300, int)',
+    ]
     return "\n".join(lines)
+
+
+TRY_QUESTION = "¿Por qué las mitocondrias tienen su propio ADN?"
 
 
 HELPERS_CELL = '''\
@@ -217,27 +291,37 @@ def run_stage(script, *args, env=None):
         raise StageFailed(f"{script} terminó con el código {code}; el motivo está en los mensajes de arriba.")
 '''
 
-CLONE_CELL = '''\
-import os
-import subprocess
-import sys
-from pathlib import Path
+PROJECT_CALL = """
 
-if "google.colab" in sys.modules:
-    repo = Path("/content") / Path(REPO_URL).stem
-    if not (repo / "02_load_model.py").exists():
-        cloned = subprocess.run(["git", "clone", "--depth", "1", REPO_URL, str(repo)],
-                                env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
-        if cloned.returncode != 0:
-            raise StageFailed(f"No se pudo clonar {REPO_URL}: revisa REPO_URL en la celda de parámetros.")
-    os.chdir(repo)
-elif not Path("02_load_model.py").exists():
-    raise StageFailed(f"{os.getcwd()} no es la carpeta del repositorio: abre el cuaderno desde ella.")
-# The results cell imports afinar from here.
-if os.getcwd() not in sys.path:
-    sys.path.insert(0, os.getcwd())
+PROJECT_DIR = open_project(REPO_URL, PROJECT_DRIVE_DIR, WORK_DIR)
+os.chdir(PROJECT_DIR)
+# The stage cells and the results cell import afinar from here.
+if str(PROJECT_DIR) not in sys.path:
+    sys.path.insert(0, str(PROJECT_DIR))
+if DRIVE_OUTPUT and in_colab():
+    OUTPUT_DIR = output_on_drive(OUTPUT_DIR, WORK_DIR)
+elif DRIVE_OUTPUT:
+    print("DRIVE_OUTPUT = True solo tiene efecto en Colab: aquí la salida queda en", OUTPUT_DIR)
 print("Carpeta de trabajo:", os.getcwd())
-'''
+print("Carpeta de salida:", os.path.abspath(OUTPUT_DIR))
+"""
+
+
+def cell_file(name: str) -> str:
+    """A cell kept as a real .py file in tools/colab_cells, without its module docstring (it explains the
+    file to a reader of the repository; the notebook has its own Markdown cell above)."""
+    import ast
+
+    text = (CELLS / name).read_text(encoding="utf-8")
+    body = ast.parse(text).body
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+        text = "\n".join(text.splitlines()[body[0].end_lineno:])
+    return text.strip("\n") + "\n"
+
+
+def project_cell() -> str:
+    return cell_file("proyecto.py") + PROJECT_CALL
+
 
 SETUP_CELL = 'run_stage("01_setup.sh")\n'
 
@@ -291,31 +375,47 @@ else:
 '''
 
 
-def flag_pairs(resolved: list[ResolvedParam], stage: str, indent: str) -> str:
-    return "\n".join(f'{indent}("{r.param.flag}", {r.param.name}),' for r in resolved if stage in r.param.stages)
+STEP_OF = {"02": "load", "03": "train", "04": "export"}
+
+
+def flag_pairs(resolved: list[ResolvedParam], stage: str, indent: str, skip: tuple[str, ...] = ()) -> str:
+    return "\n".join(f'{indent}("{r.param.flag}", {r.param.name}),' for r in resolved
+                     if stage in r.param.stages and r.param.name not in skip)
 
 
 def stage_cell(resolved: list[ResolvedParam], key: str) -> str:
-    call = f'run_stage("{SCRIPTS[key]}", *flags(\n{flag_pairs(resolved, key, "    ")}\n))'
-    if key != "02":
-        return call + "\n"
-    indented = textwrap.indent(call, "    ")
-    return (f'if RESUME:\n    print("RESUME = True: se salta la etapa 02 y la 03 continúa desde el último checkpoint '
-            f'de", OUTPUT_DIR)\nelse:\n{indented}\n')
+    # --overwrite and --resume come from afinar.colab.next_step, which reads run.json: the cell runs the stage
+    # only if it is not finished, and an interrupted training continues from its last checkpoint.
+    pairs = flag_pairs(resolved, key, "        ", skip=("OVERWRITE",))
+    return (f'from afinar.colab import announce, next_step\n\n'
+            f'step = next_step(OUTPUT_DIR, "{STEP_OF[key]}", OVERWRITE)\n'
+            f'if announce(step):\n'
+            f'    run_stage("{SCRIPTS[key]}", *step.flags, *flags(\n{pairs}\n    ))\n')
+
+
+TRY_CELL = """\
+from afinar.tryout import try_model
+
+try_model(OUTPUT_DIR, TRY_QUESTION, chat=TRY_CHAT, max_new_tokens=TRY_MAX_NEW_TOKENS)
+"""
 
 
 INTRO = """\
-# afinar en Colab: un asistente académico de ciencias de la vida, en español
+# afinar en Colab: un asistente académico en español, afinado con tus datos
 
 Este cuaderno afina con LoRA un modelo pequeño (Llama-3.2-1B-Instruct con Unsloth y la base en 4 bits) para
-que responda bien, y en buen español, las preguntas de biología que el modelo base contestaba mal. Ejecuta,
-una celda cada una, las cuatro etapas del proyecto:
+que responda bien, y en buen español, las preguntas que el modelo base contestaba mal (por defecto, de
+ciencias de la vida; el tema y los datos los eliges tú). Ejecuta, una celda cada una, las cuatro etapas:
 
 {stages}
 
 **Antes de empezar:** menú *Entorno de ejecución → Cambiar tipo de entorno de ejecución → GPU T4*. Luego,
-*Entorno de ejecución → Ejecutar todas*. Sin GPU también funciona, con el modelo integrado SmolLM2-135M, pero
-mucho más despacio.
+*Entorno de ejecución → Ejecutar todas*: no hace falta editar nada. Sin GPU también funciona, con el modelo
+integrado SmolLM2-135M, pero mucho más despacio.
+
+**Para no perder el trabajo:** pon `DRIVE_OUTPUT = True` en la celda de parámetros. La salida queda entonces en
+Google Drive (*Mi unidad/afinar/*) y, tras una desconexión o un reinicio del entorno, basta con volver a
+*Ejecutar todas*: lo terminado se salta y el entrenamiento sigue desde su último checkpoint.
 
 Todo lo que se genera queda en la carpeta de salida (`salida/` por defecto), con su manifiesto `run.json`. Cada
 etapa es el mismo script que en una terminal (`python 02_load_model.py --help` explica todas sus opciones).
@@ -330,20 +430,25 @@ queda libre del todo entre una etapa y la siguiente, lo que instala `01_setup.sh
 entorno y el fallo de una etapa no se lleva por delante las variables del cuaderno. La salida, barras de
 progreso incluidas, aparece a medida que llega. Si una etapa falla, su mensaje (en español) dice qué hacer."""
 
-CLONE_MD = """\
-## 1. Descargar el proyecto
+PROJECT_MD = """\
+## 1. Traer el proyecto (y montar Google Drive si lo pediste)
 
-En Colab se clona el repositorio en `/content` (si ya está, no se vuelve a clonar) y se entra en su carpeta.
-Fuera de Colab se usa la carpeta actual: abre el cuaderno desde la raíz del repositorio."""
+En Colab, el código se busca por este orden: la copia que ya está en `/content/afinar` (tras una desconexión),
+la carpeta o el zip del proyecto en Google Drive (`PROJECT_DRIVE_DIR`), una copia de `REPO_URL` con `git clone`
+y, si no hay dirección o la clonación falla (por ejemplo, porque el repositorio es privado), un zip del proyecto
+que subes desde el navegador con el botón que aparece bajo la celda. Con `DRIVE_OUTPUT = True`, Drive se monta
+aquí (una sola vez) y la salida va a *Mi unidad/afinar/*. Fuera de Colab se usa la carpeta actual: abre el
+cuaderno desde la raíz del repositorio."""
 
 SETUP_MD = """\
 ## 2. Preparar el entorno (`01_setup.sh`)
 
 Detecta la GPU, instala las versiones fijadas (en una T4, la pila de Unsloth) y comprueba que todo funciona.
-Es idempotente: repetirlo no reinstala lo que ya está bien. Termina con un resumen del entorno."""
+Es idempotente: repetirlo no reinstala lo que ya está bien. Tras un reinicio del entorno vuelve a instalar lo
+que el reinicio borró. Termina con un resumen del entorno."""
 
 SECRET_MD = """\
-## 6. Subir el modelo al Hub de Hugging Face (opcional)
+## 7. Subir el modelo al Hub de Hugging Face (opcional)
 
 1. Crea un token con permiso de escritura en https://huggingface.co/settings/tokens.
 2. En Colab, abre el panel **🔑 Secretos** de la barra lateral izquierda y pulsa *Añadir un secreto nuevo*.
@@ -353,13 +458,22 @@ SECRET_MD = """\
    ejecuta la celda siguiente.
 
 El token solo se lee en la celda siguiente y solo si `PUSH` es `True`; pasa a la etapa 04 por el entorno de
-ese proceso y nunca se imprime ni se guarda. No lo escribas nunca en una celda. Fuera de Colab, exporta
-`HF_TOKEN` antes de abrir el cuaderno. Si la subida falla, lo local queda intacto: vuelve a ejecutar la celda."""
+ese proceso y nunca se imprime ni se guarda. No lo escribas nunca en una celda. Fuera de Colab vale también
+`HF_TOKEN` en el entorno o la sesión de `hf auth login`. Antes de subir nada se comprueba que el token puede
+escribir en `REPO_ID`. Si la subida falla, lo local queda intacto: vuelve a ejecutar la celda."""
 
 RESULTS_MD = """\
-## 7. Resultados
+## 6. Resultados
 
 El informe de contraste (veredicto, métricas y las respuestas antes y después) y la curva de pérdida."""
+
+TRY_MD = """\
+## 8. Prueba el modelo
+
+El modelo afinado responde a `TRY_QUESTION` y ves la respuesta a medida que se genera. Después, con
+`TRY_CHAT = True`, puedes seguir preguntando en la casilla que aparece debajo: recuerda la conversación, y una
+línea vacía o `salir` termina. Usa las mismas instrucciones de sistema, plantilla de chat y penalización de
+repetición que el entrenamiento y el contraste (las que guarda `run.json`)."""
 
 STAGE_TITLES = {"02": "## 3. Etapa 02: modelo base y respuestas «antes»",
                 "03": "## 4. Etapa 03: revisar los datos y entrenar",
@@ -369,10 +483,12 @@ STAGE_TITLES = {"02": "## 3. Etapa 02: modelo base y respuestas «antes»",
 def stage_markdown(key: str, module: ModuleType) -> str:
     summary = script_summary(module)
     return (f"{STAGE_TITLES[key]}\n\n{summary[:1].upper()}{summary[1:]}\n\n"
+            f"Si ya terminó (según `run.json`), la celda la salta; `OVERWRITE = True` la repite desde cero. "
             f"`python {SCRIPTS[key]} --help` lista todas sus opciones.")
 
 
-def build_notebook():
+def build_notebook(repo_url: str | None = None):
+    """The notebook; `repo_url` None means the one detected from this clone's git remote."""
     import nbformat
 
     modules = {key: load_script(key) for key in SCRIPTS}
@@ -381,27 +497,32 @@ def build_notebook():
     stages_list = "\n".join(
         ["1. `01_setup.sh`: prepara el entorno (versiones fijadas; en GPU, Unsloth)."]
         + [f"{i}. `{SCRIPTS[k]}`: {script_summary(modules[k])}" for i, k in enumerate(SCRIPTS, start=2)])
+    url = detect_repo_url() if repo_url is None else repo_url
 
     v4 = nbformat.v4
     cells = [
         v4.new_markdown_cell(INTRO.replace("{stages}", stages_list), id="intro"),
-        v4.new_code_cell(parameters_cell(resolved), id="parametros"),
+        v4.new_code_cell(parameters_cell(resolved, url), id="parametros"),
         v4.new_markdown_cell(HELPERS_MD, id="auxiliares-md"),
         v4.new_code_cell(HELPERS_CELL.rstrip("\n"), id="auxiliares"),
-        v4.new_markdown_cell(CLONE_MD, id="clonar-md"),
-        v4.new_code_cell(CLONE_CELL.rstrip("\n"), id="clonar"),
+        v4.new_markdown_cell(PROJECT_MD, id="proyecto-md"),
+        v4.new_code_cell(project_cell().rstrip("\n"), id="proyecto"),
         v4.new_markdown_cell(SETUP_MD, id="entorno-md"),
         v4.new_code_cell(SETUP_CELL.rstrip("\n"), id="entorno"),
     ]
     for key in SCRIPTS:
         cells.append(v4.new_markdown_cell(stage_markdown(key, modules[key]), id=f"etapa-{key}-md"))
         cells.append(v4.new_code_cell(stage_cell(resolved, key).rstrip("\n"), id=f"etapa-{key}"))
+    # The try cell goes last: its chat waits for the user, and "Ejecutar todo" must have produced and shown
+    # everything else before it does.
     cells += [
+        v4.new_markdown_cell(RESULTS_MD, id="resultados-md"),
+        v4.new_code_cell(RESULTS_CELL.rstrip("\n"), id="resultados"),
         v4.new_markdown_cell(SECRET_MD, id="subida-md"),
         v4.new_code_cell(PUSH_CELL.replace("{push_flags}", flag_pairs(resolved, PUSH, "        ")).rstrip("\n"),
                          id="subida"),
-        v4.new_markdown_cell(RESULTS_MD, id="resultados-md"),
-        v4.new_code_cell(RESULTS_CELL.rstrip("\n"), id="resultados"),
+        v4.new_markdown_cell(TRY_MD, id="prueba-md"),
+        v4.new_code_cell(TRY_CELL.rstrip("\n"), id="prueba"),
     ]
     notebook = v4.new_notebook(cells=cells, metadata={
         "accelerator": "GPU",
@@ -413,32 +534,39 @@ def build_notebook():
     return notebook
 
 
-def render() -> str:
+def render(repo_url: str | None = None) -> str:
     """The notebook's exact file text."""
     import nbformat
 
-    return nbformat.writes(build_notebook()) + "\n"
+    return nbformat.writes(build_notebook(repo_url)) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     options = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     options.add_argument("--check", action="store_true", help="solo comprobar que colab.ipynb está al día")
+    options.add_argument("--repo-url", default=None,
+                         help="repositorio que clona el cuaderno (por defecto: git remote get-url origin; sin "
+                              "remoto, vacío, y el cuaderno pide un zip del proyecto)")
     args = options.parse_args(argv)
-    text = render()
     current = NOTEBOOK.read_text(encoding="utf-8") if NOTEBOOK.exists() else None
     if args.check:
+        # The URL is the one the notebook was generated with: a clone from elsewhere must not fail the check.
+        text = render(args.repo_url if args.repo_url is not None
+                      else (committed_repo_url(current) if current else None))
         if current != text:
             print(f"{NOTEBOOK.name} no coincide con los scripts: ejecuta python tools/make_colab.py", file=sys.stderr)
             return 1
         print(f"{NOTEBOOK.name} está al día.")
         return 0
+    text = render(args.repo_url)
     if current == text:
         print(f"{NOTEBOOK.name} ya estaba al día.")
         return 0
     from afinar import atomic
 
     atomic.write_text(NOTEBOOK, text)
-    print(f"Escrito {NOTEBOOK}")
+    url = committed_repo_url(text)
+    print(f"Escrito {NOTEBOOK} (REPO_URL: {url or 'vacío; el cuaderno pedirá un zip del proyecto'})")
     return 0
 
 
