@@ -416,3 +416,22 @@ def test_key_comes_from_the_environment_or_colab_secrets(monkeypatch):
     assert teacher._retry_after({"Retry-After": "7"}) == 7.0
     assert 25 <= teacher._retry_after({"Retry-After": formatdate(time.time() + 30, usegmt=True)}) <= 31
     assert teacher._retry_after({}) is None
+
+
+def test_readme_distillation_commands_use_real_flags():
+    """Every 00_destilar.py command in the README parses with the script's own options."""
+    import shlex
+
+    from afinar import distill_cli
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
+    commands = [line.strip() for line in text.splitlines() if line.strip().startswith("python3 00_destilar.py")]
+    assert len(commands) >= 2
+    urls = set()
+    for command in commands:
+        args = distill_cli.parse_args(shlex.split(command)[2:])
+        assert args.topics == "temas.txt" and args.teacher_model
+        urls.add(args.teacher_url)
+        distill.parse_price(args.price_per_mtok)
+        teacher.check_base_url(args.teacher_url)
+    assert {"http://localhost:11434/v1", "https://generativelanguage.googleapis.com/v1beta/openai"} <= urls
