@@ -239,6 +239,10 @@ class HttpTeacher:
             data = json.loads(raw.decode("utf-8"))
             message = data["choices"][0]["message"]
             text = message.get("content") or ""
+            if isinstance(text, list):  # content as a list of parts, as some compatible servers send it
+                text = "".join(part.get("text", "") for part in text if isinstance(part, dict))
+            if not isinstance(text, str):
+                text = ""
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             # The envelope itself is not OpenAI-shaped: the teacher's answer is empty, and the distiller
             # treats it like unusable JSON (retried, then rejected), rather than stopping the run.

@@ -435,3 +435,12 @@ def test_readme_distillation_commands_use_real_flags():
         distill.parse_price(args.price_per_mtok)
         teacher.check_base_url(args.teacher_url)
     assert {"http://localhost:11434/v1", "https://generativelanguage.googleapis.com/v1beta/openai"} <= urls
+
+
+def test_odd_but_valid_envelopes_are_read_and_bad_ones_become_an_empty_answer():
+    client = teacher.HttpTeacher("http://127.0.0.1:9/v1", "m", None)
+    parts = b'{"choices":[{"message":{"content":[{"type":"text","text":"{\\"a\\": 1}"}]}}],' \
+            b'"usage":{"prompt_tokens":3,"completion_tokens":4}}'
+    assert client._parse(parts) == teacher.Reply('{"a": 1}', 3, 4)
+    assert client._parse(b'{"choices":[{"message":{"content":5}}]}').text == ""
+    assert client._parse(b"<html>502 Bad Gateway</html>") == teacher.Reply("", 0, 0, tokens_estimated=True)
