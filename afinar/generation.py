@@ -166,6 +166,7 @@ def chat(
 
     ensure_pad_token(tokenizer)
     stop_ids = stop_token_ids(model, tokenizer)
+    options = _generate_options(model, tokenizer, max_new_tokens, False, repetition_penalty)
     device = _model_device(model)
     history: list[dict[str, str]] = []
     output.write("Chat con el modelo afinado. Escribe tu pregunta; una línea vacía termina.\n")
@@ -187,13 +188,21 @@ def chat(
             prompt = _fit_context(model, tokenizer, history, max_new_tokens)
             output.write("Modelo: ")
             output.flush()
-            input_ids = torch.tensor([prompt], device=device)
-            generated = model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                do_sample=False, repetition_penalty=float(repetition_penalty), eos_token_id=stop_ids,
-                pad_token_id=tokenizer.pad_token_id, streamer=_Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
-            )
-            reply_ids, _ = split_generated(generated[0, len(prompt):].tolist(), stop_ids, tokenizer.pad_token_id)
+            batch = {"input_ids": torch.tensor([prompt], device=device)}
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+            streamer = _Streamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
+
+            ended = [False]
+
+            def shown(rows: list[list[int]]) -> None:
+                for token in rows[0]:
+                    ended[0] = ended[0] or token in stop_ids  # the EOS and the pads after it are not text
+                    if not ended[0]:
+                        streamer.put(torch.tensor([token]))
+
+            new_ids = _continue(model, batch, options, on_tokens=shown)
+            streamer.end()
+            reply_ids, _ = split_generated(new_ids[0].tolist(), stop_ids, tokenizer.pad_token_id)
             history.append({"role": "assistant", "content": decode(tokenizer, reply_ids)})
     output.write("Fin del chat.\n")
     output.flush()
@@ -209,16 +218,57 @@ def _answer_chunk(model, tokenizer, prompts: list[list[int]], options: dict[str,
     device = _model_device(model)
     batch = {key: value.to(device) for key, value in batch.items()}
     started = time.perf_counter()
-    generated = model.generate(**batch, **options)
+    new_ids = _continue(model, batch, options)
     _synchronize(device)
     seconds = time.perf_counter() - started
-    prompt_width = batch["input_ids"].shape[1]
     rows = []
-    for sequence in generated[:, prompt_width:].tolist():
+    for sequence in new_ids.tolist():
         ids, ended = split_generated(sequence, options["eos_token_id"], options["pad_token_id"])
         rows.append({"text": decode(tokenizer, ids), "ended_with_eos": ended, "new_tokens": len(ids),
                      "seconds": round(seconds / len(prompts), 4)})
     return rows
+
+
+def _continue(model, batch: dict[str, Any], options: dict[str, Any], on_tokens=None):
+    """The new tokens of each row ([batch, steps], pad after a row's EOS): afinar.decoding's greedy loop, the
+    same tokens as `model.generate` with these options; `generate` itself only for sampling or a model whose
+    generation_config asks for a logits processor that loop does not reproduce."""
+    if not options["do_sample"] and _plain_greedy(model):
+        from .decoding import greedy_generate
+
+        return greedy_generate(model, batch["input_ids"], batch["attention_mask"],
+                               max_new_tokens=options["max_new_tokens"],
+                               repetition_penalty=options["repetition_penalty"],
+                               stop_ids=options["eos_token_id"], pad_id=options["pad_token_id"],
+                               on_tokens=on_tokens, mode=options.get("decode_mode", "auto"))
+    return reference_generate(model, batch, options)
+
+
+def reference_generate(model, batch: dict[str, Any], options: dict[str, Any]):
+    """`model.generate` with the same options: the reference the fast loop must match token for token."""
+    keys = ("max_new_tokens", "do_sample", "num_beams", "repetition_penalty", "eos_token_id", "pad_token_id",
+            "temperature", "top_p", "top_k")
+    generated = model.generate(**batch, **{k: options[k] for k in keys if k in options})
+    return generated[:, batch["input_ids"].shape[1]:].cpu()
+
+
+# generation_config fields that add a logits processor to greedy `generate`; afinar.decoding reproduces only the
+# repetition penalty and the stop on EOS, so a model that sets any of these goes through `generate` instead.
+_UNSUPPORTED_GENERATION_FIELDS = ("no_repeat_ngram_size", "bad_words_ids", "min_length", "min_new_tokens",
+                                  "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
+                                  "forced_eos_token_id", "sequence_bias", "encoder_repetition_penalty",
+                                  "exponential_decay_length_penalty", "renormalize_logits")
+
+
+def _plain_greedy(model) -> bool:
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return True
+    for field in _UNSUPPORTED_GENERATION_FIELDS:
+        value = getattr(config, field, None)
+        if value not in (None, 0, False, 1.0, [], ()):
+            return False
+    return True
 
 
 def _generate_options(model, tokenizer, max_new_tokens: int, do_sample: bool,
