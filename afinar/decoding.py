@@ -217,7 +217,7 @@ class _State:
         # count never goes past max_new_tokens - 1 here: the host runs at most max_new_tokens steps.
         self.out.index_copy_(1, self.count, token.unsqueeze(1))
         self.count.add_(1)
-        self.done.logical_or_(torch.isin(token, self.stops))
+        self.done.logical_or_((token.unsqueeze(1) == self.stops).any(dim=1))
         if self.seen is not None:
             self.seen.scatter_(1, token.unsqueeze(1), True)
         self.token.copy_(token)

@@ -233,15 +233,26 @@ def _continue(model, batch: dict[str, Any], options: dict[str, Any], on_tokens=N
     """The new tokens of each row ([batch, steps], pad after a row's EOS): afinar.decoding's greedy loop, the
     same tokens as `model.generate` with these options; `generate` itself only for sampling or a model whose
     generation_config asks for a logits processor that loop does not reproduce."""
-    if not options["do_sample"] and _plain_greedy(model):
+    if not options["do_sample"] and _plain_greedy(model) and id(model) not in _FAST_LOOP_FAILED:
         from .decoding import greedy_generate
 
-        return greedy_generate(model, batch["input_ids"], batch["attention_mask"],
-                               max_new_tokens=options["max_new_tokens"],
-                               repetition_penalty=options["repetition_penalty"],
-                               stop_ids=options["eos_token_id"], pad_id=options["pad_token_id"],
-                               on_tokens=on_tokens, mode=options.get("decode_mode", "auto"))
+        try:
+            return greedy_generate(model, batch["input_ids"], batch["attention_mask"],
+                                   max_new_tokens=options["max_new_tokens"],
+                                   repetition_penalty=options["repetition_penalty"],
+                                   stop_ids=options["eos_token_id"], pad_id=options["pad_token_id"],
+                                   on_tokens=on_tokens)
+        except Exception as err:  # noqa: BLE001 - a model whose forward the loop cannot drive still answers
+            if _is_out_of_memory(err):
+                raise
+            # E.g. a backend that patches the forward for its own cache: generate() knows how to drive it.
+            _FAST_LOOP_FAILED.add(id(model))
+            _stderr_log(f"Aviso: el bucle de generación propio falló ({type(err).__name__}: {str(err)[:200]}); "
+                        "se usa model.generate para este modelo.")
     return reference_generate(model, batch, options)
+
+
+_FAST_LOOP_FAILED: set[int] = set()  # id() of models whose forward afinar.decoding could not drive
 
 
 def reference_generate(model, batch: dict[str, Any], options: dict[str, Any]):
