@@ -33,7 +33,8 @@ STOP_CHECK_EVERY = 16
 # The static cache is rounded up to a multiple of this, so consecutive batches of similar prompts reuse the
 # compiled code (torch.compile specialises on shapes) and the allocator's blocks.
 CACHE_BUCKET = 64
-MODES = ("auto", "eager", "graphs", "compile")
+# "static": the GPU path's StaticCache and fixed-width mask without graphs, anywhere (tests check it on the CPU).
+MODES = ("auto", "eager", "graphs", "compile", "static")
 # AFINAR_DECODE=eager|graphs|compile overrides "auto" (benchmarks and debugging).
 MODE_ENV = "AFINAR_DECODE"
 
@@ -77,7 +78,7 @@ def greedy_generate(
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
     return _run(model, input_ids, attention_mask, max_new_tokens, repetition_penalty, stop_ids, pad_id,
-                on_tokens, "eager")
+                on_tokens, "static" if mode == "static" else "eager")
 
 
 def resolve_mode(mode: str, device, model=None) -> str:
@@ -86,6 +87,8 @@ def resolve_mode(mode: str, device, model=None) -> str:
     if requested not in MODES:
         raise ValueError(f"{MODE_ENV}/mode debe ser uno de {', '.join(MODES)} (se pidió {requested!r}).")
     device = device if device is not None else _model_device(model)
+    if requested == "static":
+        return requested
     if getattr(device, "type", None) != "cuda":
         return "eager"
     if requested == "auto":
