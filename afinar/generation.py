@@ -19,7 +19,10 @@ from .questions import question_text
 # Llama's), so a model that learned to stop has ~3x headroom, while one that loops is cut after a bounded time
 # and the cut itself shows up as ended_with_eos=False.
 DEFAULT_MAX_NEW_TOKENS = 200
-DEFAULT_BATCH_SIZE = 8
+# 16: the 10 contrast questions go in one batch. A decode step reads all the weights whatever the batch, so on
+# a GPU and on the CPU a batch of 10 costs about what a batch of 2 does; with 8, the 10 questions took two
+# nearly full-price batches (8 + 2), half the possible speed-up (issue 17).
+DEFAULT_BATCH_SIZE = 16
 # A mild repetition penalty, between Ollama's default (1.1) and the 1.2 of the CTRL paper that introduced it.
 # Greedy decoding of a 135M model falls into loops ("la luz de la luz de la..."); on the CPU demo 1.1 left one
 # answer of ten above 10 % repeated 3-grams and 1.15 none (BENCHMARKS.md, issue 4). Stage 02 records the value in
@@ -70,7 +73,10 @@ def generate_answers(
     with _inference(model):
         start = 0
         while start < len(order):
-            chunk = order[start:start + batch_size]
+            # Equal batches (11 questions at 8 a batch: 6 + 5, not 8 + 3), since a batch costs about its longest
+            # row's steps whatever its size.
+            left = len(order) - start
+            chunk = order[start:start + -(-left // -(-left // batch_size))]
             try:
                 answered = _answer_chunk(model, tokenizer, [prompts[i] for i in chunk], options)
             except Exception as err:  # noqa: BLE001 - only out-of-memory is handled, the rest is re-raised
