@@ -197,6 +197,8 @@ def suite(args) -> None:
     def note(key, value):
         report[key] = value
         print(f"[{time.perf_counter() - began:6.1f} s] {key} = {value}", flush=True)
+        # Written after every figure: a run cut by its time limit still leaves what it measured.
+        (out_dir / "generation_latest.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
     # BENCH_SUITE_ON_CPU=1: the same steps on the CPU, only to check this script with a tiny model.
     if device.type == "cuda" or os.environ.get("BENCH_SUITE_ON_CPU"):
