@@ -258,6 +258,13 @@ def _continue(model, batch: dict[str, Any], options: dict[str, Any], on_tokens=N
     return reference_generate(model, batch, options)
 
 
+def _unsloth_patched(model) -> bool:
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    patched = (getattr(type(causal_lm), "forward", None), getattr(causal_lm, "generate", None),
+               getattr(model, "generate", None))
+    return any(str(getattr(f, "__module__", "") or "").startswith("unsloth") for f in patched)
+
+
 _FAST_LOOP_FAILED: set[int] = set()  # id() of models whose forward afinar.decoding could not drive
 
 
@@ -278,6 +285,11 @@ _UNSUPPORTED_GENERATION_FIELDS = ("no_repeat_ngram_size", "bad_words_ids", "min_
 
 
 def _plain_greedy(model) -> bool:
+    if _unsloth_patched(model):
+        # Unsloth replaces the forward with its own inference kernels and KV cache, which drive only through its
+        # patched generate() (it switches the model to its inference mode, FastLanguageModel.for_inference, and
+        # back): our loop would hand that forward a transformers cache it does not expect.
+        return False
     config = getattr(model, "generation_config", None)
     if config is None:
         return True

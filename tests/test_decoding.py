@@ -140,3 +140,23 @@ def test_cpu_never_records_graphs(monkeypatch):
     assert decoding.resolve_mode("compile", torch.device("cuda")) == "graphs"
     with pytest.raises(ValueError):
         decoding.resolve_mode("vllm", torch.device("cpu"))
+
+
+def test_a_model_patched_by_unsloth_keeps_its_own_generate(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    real_generate = model.generate
+    calls = []
+
+    def unsloth_fast_generate(*args, **kwargs):
+        calls.append(kwargs["repetition_penalty"])
+        return real_generate(*args, **kwargs)
+
+    unsloth_fast_generate.__module__ = "unsloth.models.llama"  # where Unsloth's patched generate lives
+
+    def not_for_unsloth(*args, **kwargs):
+        raise AssertionError("Unsloth's forward must be driven by its own generate")
+
+    monkeypatch.setattr(model, "generate", unsloth_fast_generate)
+    monkeypatch.setattr(decoding, "greedy_generate", not_for_unsloth)
+    rows = generate_answers(model, tokenizer, QUESTIONS[:1], max_new_tokens=2, batch_size=1, seed=0)
+    assert calls == [1.15] and rows[0]["new_tokens"] == 2
