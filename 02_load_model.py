@@ -47,8 +47,9 @@ def parse_args(argv=None):
                    help="penalización de repetición de la generación, la misma antes (02) y después (04) "
                         "(por defecto: 1.15; con 1.0 el modelo de 135M repite frases en bucle con greedy; "
                         "1.15 las quitó en las 10 preguntas de contraste, ver BENCHMARKS.md)")
-    p.add_argument("--gen-batch-size", type=int, default=8,
-                   help="preguntas generadas a la vez, con relleno a la izquierda (por defecto: 8)")
+    p.add_argument("--gen-batch-size", type=int, default=16,
+                   help="preguntas generadas a la vez, con relleno a la izquierda (por defecto: 16; las 10 de "
+                        "contraste en un solo lote)")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--system-prompt", default=None,
                         help="instrucciones de sistema de cada conversación: el tema y el tono del asistente. Las "

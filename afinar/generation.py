@@ -19,7 +19,10 @@ from .questions import question_text
 # Llama's), so a model that learned to stop has ~3x headroom, while one that loops is cut after a bounded time
 # and the cut itself shows up as ended_with_eos=False.
 DEFAULT_MAX_NEW_TOKENS = 200
-DEFAULT_BATCH_SIZE = 8
+# 16: the 10 contrast questions go in one batch. A decode step reads all the weights whatever the batch, so on
+# a GPU and on the CPU a batch of 10 costs about what a batch of 2 does; with 8, the 10 questions took two
+# nearly full-price batches (8 + 2), half the possible speed-up (issue 17).
+DEFAULT_BATCH_SIZE = 16
 # A mild repetition penalty, between Ollama's default (1.1) and the 1.2 of the CTRL paper that introduced it.
 # Greedy decoding of a 135M model falls into loops ("la luz de la luz de la..."); on the CPU demo 1.1 left one
 # answer of ten above 10 % repeated 3-grams and 1.15 none (BENCHMARKS.md, issue 4). Stage 02 records the value in
@@ -72,7 +75,10 @@ def generate_answers(
     with _inference(model):
         start = 0
         while start < len(order):
-            chunk = order[start:start + batch_size]
+            # Equal batches (11 questions at 8 a batch: 6 + 5, not 8 + 3), since a batch costs about its longest
+            # row's steps whatever its size.
+            left = len(order) - start
+            chunk = order[start:start + -(-left // -(-left // batch_size))]
             try:
                 answered = _answer_chunk(model, tokenizer, [prompts[i] for i in chunk], options)
             except Exception as err:  # noqa: BLE001 - only out-of-memory is handled, the rest is re-raised
@@ -171,6 +177,7 @@ def chat(
 
     ensure_pad_token(tokenizer)
     stop_ids = stop_token_ids(model, tokenizer)
+    options = _generate_options(model, tokenizer, max_new_tokens, False, repetition_penalty)
     device = _model_device(model)
     history: list[dict[str, str]] = []
     if interactive:
@@ -200,14 +207,22 @@ def chat(
             prompt = _fit_context(model, tokenizer, history, max_new_tokens)
             output.write("Modelo: ")
             output.flush()
-            input_ids = torch.tensor([prompt], device=device)
-            generated = model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                do_sample=False, repetition_penalty=float(repetition_penalty), eos_token_id=stop_ids,
-                pad_token_id=tokenizer.pad_token_id, streamer=_Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                   clean_up_tokenization_spaces=False),
-            )
-            reply_ids, _ = split_generated(generated[0, len(prompt):].tolist(), stop_ids, tokenizer.pad_token_id)
+            batch = {"input_ids": torch.tensor([prompt], device=device)}
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+            streamer = _Streamer(tokenizer, skip_prompt=False, skip_special_tokens=True,
+                                 clean_up_tokenization_spaces=False)
+
+            ended = [False]
+
+            def shown(rows: list[list[int]]) -> None:
+                for token in rows[0]:
+                    ended[0] = ended[0] or token in stop_ids  # the EOS and the pads after it are not text
+                    if not ended[0]:
+                        streamer.put(torch.tensor([token]))
+
+            new_ids = _continue(model, batch, options, on_tokens=shown)
+            streamer.end()
+            reply_ids, _ = split_generated(new_ids[0].tolist(), stop_ids, tokenizer.pad_token_id)
             history.append({"role": "assistant", "content": decode(tokenizer, reply_ids)})
     if interactive:
         output.write("Fin del chat.\n")
@@ -224,16 +239,80 @@ def _answer_chunk(model, tokenizer, prompts: list[list[int]], options: dict[str,
     device = _model_device(model)
     batch = {key: value.to(device) for key, value in batch.items()}
     started = time.perf_counter()
-    generated = model.generate(**batch, **options)
+    new_ids = _continue(model, batch, options)
     _synchronize(device)
     seconds = time.perf_counter() - started
-    prompt_width = batch["input_ids"].shape[1]
     rows = []
-    for sequence in generated[:, prompt_width:].tolist():
+    for sequence in new_ids.tolist():
         ids, ended = split_generated(sequence, options["eos_token_id"], options["pad_token_id"])
         rows.append({"text": decode(tokenizer, ids), "ended_with_eos": ended, "new_tokens": len(ids),
                      "seconds": round(seconds / len(prompts), 4)})
     return rows
+
+
+def _continue(model, batch: dict[str, Any], options: dict[str, Any], on_tokens=None):
+    """The new tokens of each row ([batch, steps], pad after a row's EOS): afinar.decoding's greedy loop, the
+    same tokens as `model.generate` with these options; `generate` itself only for sampling or a model whose
+    generation_config asks for a logits processor that loop does not reproduce."""
+    if not options["do_sample"] and _plain_greedy(model) and id(model) not in _FAST_LOOP_FAILED:
+        from .decoding import greedy_generate
+
+        try:
+            return greedy_generate(model, batch["input_ids"], batch["attention_mask"],
+                                   max_new_tokens=options["max_new_tokens"],
+                                   repetition_penalty=options["repetition_penalty"],
+                                   stop_ids=options["eos_token_id"], pad_id=options["pad_token_id"],
+                                   on_tokens=on_tokens)
+        except Exception as err:  # noqa: BLE001 - a model whose forward the loop cannot drive still answers
+            if _is_out_of_memory(err):
+                raise
+            # E.g. a backend that patches the forward for its own cache: generate() knows how to drive it.
+            _FAST_LOOP_FAILED.add(id(model))
+            _stderr_log(f"Aviso: el bucle de generación propio falló ({type(err).__name__}: {str(err)[:200]}); "
+                        "se usa model.generate para este modelo.")
+    return reference_generate(model, batch, options)
+
+
+def _unsloth_patched(model) -> bool:
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    patched = (getattr(type(causal_lm), "forward", None), getattr(causal_lm, "generate", None),
+               getattr(model, "generate", None))
+    return any(str(getattr(f, "__module__", "") or "").startswith("unsloth") for f in patched)
+
+
+_FAST_LOOP_FAILED: set[int] = set()  # id() of models whose forward afinar.decoding could not drive
+
+
+def reference_generate(model, batch: dict[str, Any], options: dict[str, Any]):
+    """`model.generate` with the same options: the reference the fast loop must match token for token."""
+    keys = ("max_new_tokens", "do_sample", "num_beams", "repetition_penalty", "eos_token_id", "pad_token_id",
+            "temperature", "top_p", "top_k")
+    generated = model.generate(**batch, **{k: options[k] for k in keys if k in options})
+    return generated[:, batch["input_ids"].shape[1]:].cpu()
+
+
+# generation_config fields that add a logits processor to greedy `generate`; afinar.decoding reproduces only the
+# repetition penalty and the stop on EOS, so a model that sets any of these goes through `generate` instead.
+_UNSUPPORTED_GENERATION_FIELDS = ("no_repeat_ngram_size", "bad_words_ids", "min_length", "min_new_tokens",
+                                  "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
+                                  "forced_eos_token_id", "sequence_bias", "encoder_repetition_penalty",
+                                  "exponential_decay_length_penalty", "renormalize_logits")
+
+
+def _plain_greedy(model) -> bool:
+    if _unsloth_patched(model):
+        # Unsloth replaces the forward with its own inference kernels and KV cache, which drive only through its
+        # patched generate() (it switches the model to its inference mode, FastLanguageModel.for_inference, and
+        # back): our loop would hand that forward a transformers cache it does not expect.
+        return False
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return True
+    for field in _UNSUPPORTED_GENERATION_FIELDS:
+        value = getattr(config, field, None)
+        if value not in (None, 0, False, 1.0, [], ()):
+            return False
+    return True
 
 
 def _generate_options(model, tokenizer, max_new_tokens: int, do_sample: bool,

@@ -10,7 +10,7 @@ import math
 from typing import Any, Sequence
 
 from .errors import UserError
-from .prompts import IGNORE_INDEX, ensure_pad_token, tokenize_example
+from .prompts import ensure_pad_token, tokenize_example
 
 
 def perplexity(
@@ -85,21 +85,14 @@ def _tokenized(tokenizer, entry: Any, number: int, max_seq_length: int, source: 
 
 
 def _batch_nll(model, examples: list[dict[str, list[int]]], pad_id: int, device) -> tuple[float, int]:
-    import torch.nn.functional as F
-
-    from .logprobs import right_padded
+    from .logprobs import right_padded, sequence_logps
 
     # Right padding: causal attention never lets a real token see the padding after it, and positions stay 0..n.
-    batch = right_padded(examples, pad_id)
-    labels = batch["labels"]
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    # Token t predicts token t+1. Only the scored positions are upcast to fp32 (a bf16 model's loss must not be
-    # rounded before it is summed), which keeps memory at one vocabulary row per response token.
-    targets = labels[:, 1:].to(device)
-    scored = targets != IGNORE_INDEX
-    predicted = logits[:, :-1, :][scored].float()
-    nll = F.cross_entropy(predicted, targets[scored], reduction="sum")
-    return float(nll), int(scored.sum())
+    # sequence_logps (the probe's and DPO's scorer) sends only the response positions through the LM head and
+    # upcasts only those to fp32: the prompt positions would each cost a vocabulary-wide row for nothing
+    # (128k columns with Llama), and a bf16 model's loss must not be rounded before it is summed.
+    logps, counts = sequence_logps(model, right_padded(examples, pad_id))
+    return -float(logps.double().sum()), int(counts.sum())
 
 
 def _model_device(model):

@@ -58,7 +58,7 @@ def _gguf_formats(value: str) -> list[str]:
 
 def run_contrast(args, layout: OutputLayout, run_manifest: dict, model, tokenizer) -> dict:
     from .contrast import build_contrast
-    from .generation import generate_answers
+    from .generation import DEFAULT_BATCH_SIZE, generate_answers
     from .perplexity import perplexity
     from .questions import load_questions
     from .report import write_reports
@@ -71,7 +71,7 @@ def run_contrast(args, layout: OutputLayout, run_manifest: dict, model, tokenize
     repetition_penalty = gen.get("repetition_penalty", 1.0)
     print(f"Respondiendo {len(questions)} preguntas de contraste con el modelo afinado (después) ...", flush=True)
     after = generate_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens,
-                             batch_size=gen.get("batch_size", 8), seed=run_manifest["settings"]["seed"],
+                             batch_size=gen.get("batch_size", DEFAULT_BATCH_SIZE), seed=run_manifest["settings"]["seed"],
                              repetition_penalty=repetition_penalty)
     atomic.write_jsonl(layout.answers_after, after)
     before = _read_jsonl(layout.answers_before)

@@ -71,17 +71,19 @@ def test_token_limit_means_no_eos(model_and_tokenizer):
 
 @pytest.mark.slow
 def test_out_of_memory_batch_falls_back_to_one_at_a_time(model_and_tokenizer, monkeypatch):
+    import afinar.decoding as decoding
+
     model, tokenizer = model_and_tokenizer
-    real_generate = model.generate
+    real_loop = decoding.greedy_generate
     batch_sizes = []
 
-    def generate_that_fails_on_batches(*args, **kwargs):
-        batch_sizes.append(kwargs["input_ids"].shape[0])
-        if kwargs["input_ids"].shape[0] > 1:
+    def loop_that_fails_on_batches(model, input_ids, *args, **kwargs):
+        batch_sizes.append(input_ids.shape[0])
+        if input_ids.shape[0] > 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_generate(*args, **kwargs)
+        return real_loop(model, input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(model, "generate", generate_that_fails_on_batches)
+    monkeypatch.setattr(decoding, "greedy_generate", loop_that_fails_on_batches)
     messages = []
     rows = generate_answers(model, tokenizer, QUESTIONS[:3], max_new_tokens=4, batch_size=2, seed=0,
                             log=messages.append)
@@ -145,23 +147,26 @@ def test_chat_streams_tokens_and_keeps_history(model_and_tokenizer):
     assert shown.count("Modelo: ") == 2 and shown.rstrip().endswith("Fin del chat.")
 
 
-def test_repetition_penalty_reaches_generate_and_is_validated(model_and_tokenizer, monkeypatch):
+def test_repetition_penalty_reaches_the_decoding_loop_and_is_validated(model_and_tokenizer, monkeypatch):
+    import afinar.decoding as decoding
     from afinar.errors import UserError
     from afinar.generation import DEFAULT_REPETITION_PENALTY
 
     model, tokenizer = model_and_tokenizer
-    real_generate = model.generate
+    real_loop = decoding.greedy_generate
     seen = []
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("repetition_penalty"))
-        return real_generate(*args, **kwargs)
+        return real_loop(*args, **kwargs)
 
-    monkeypatch.setattr(model, "generate", spy)
+    monkeypatch.setattr(decoding, "greedy_generate", spy)
     generate_answers(model, tokenizer, QUESTIONS[:2], max_new_tokens=2, batch_size=2, seed=0)
     generate_answers(model, tokenizer, QUESTIONS[:2], max_new_tokens=2, batch_size=2, seed=0,
                      repetition_penalty=1.25)
-    assert seen == [DEFAULT_REPETITION_PENALTY, 1.25]
+    lines = iter(["¿Qué es un gen?", ""])
+    chat(model, tokenizer, max_new_tokens=2, repetition_penalty=1.3, input_fn=lambda _: next(lines), output=io.StringIO())
+    assert seen == [DEFAULT_REPETITION_PENALTY, 1.25, 1.3]
     with pytest.raises(UserError, match="repetition-penalty"):
         generate_answers(model, tokenizer, QUESTIONS[:1], max_new_tokens=2, repetition_penalty=0)
 
