@@ -193,27 +193,36 @@ def _failing_backend(graph_module, example_inputs):
     raise RuntimeError("out of resource: shared memory, Required: 81920, Hardware limit: 65536")
 
 
-def test_a_kernel_the_card_cannot_run_falls_back_on_the_first_step(tmp_path, embedded_path):
-    """Issue 16: the compiled plan's first step fails to compile (as flex attention's templates can on a T4);
-    the trainer drops to SDPA, then to uncompiled layers, retries the same batch, and trains every step."""
+
+def _tiny_lora_run(embedded_path, entries: int, max_seq_length: int, steps: int):
+    """(model, tokenizer, entries, settings): a 2-layer Llama with LoRA and the embedded tokenizer."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from afinar import modeling, training
-    from afinar.layout import OutputLayout
+    from afinar import modeling
     from afinar.prompts import ensure_pad_token
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_path)
     ensure_pad_token(tokenizer)
-    entries = json.loads(open("tu_dataset.json", encoding="utf-8").read())[:12]
-    settings = {"max_seq_length": 256, "learning_rate": 1e-3, "epochs": 1, "max_steps": 2, "batch_size": 2,
-                "grad_accum": 1, "seed": 0, "warmup_ratio": 0.0, "save_steps": 10**6, "save_minutes": 10**6,
-                "logging_steps": 1}
+    data = json.loads(open("tu_dataset.json", encoding="utf-8").read())[:entries]
+    settings = {"max_seq_length": max_seq_length, "learning_rate": 1e-3, "epochs": 1, "max_steps": steps,
+                "batch_size": 2, "grad_accum": 1, "seed": 0, "warmup_ratio": 0.0, "save_steps": 10**6,
+                "save_minutes": 10**6, "logging_steps": 1}
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
     model = modeling.add_lora(LlamaForCausalLM(config), backend="hf", lora_r=8, lora_alpha=8, lora_dropout=0.0,
                               seed=0)
+    return model, tokenizer, data, settings
+
+
+def test_a_kernel_the_card_cannot_run_falls_back_on_the_first_step(tmp_path, embedded_path):
+    """Issue 16: the compiled plan's first step fails to compile (as flex attention's templates can on a T4);
+    the trainer drops to SDPA, then to uncompiled layers, retries the same batch, and trains every step."""
+    from afinar import training
+    from afinar.layout import OutputLayout
+
+    model, tokenizer, entries, settings = _tiny_lora_run(embedded_path, entries=12, max_seq_length=256, steps=2)
     for layer in engine.decoder_layers(model):
         layer.compile(backend=_failing_backend)
     plan = engine.Plan("compiled", "hf", 2, True, False, attn_implementation="flex_attention",
@@ -244,23 +253,11 @@ def test_a_4bit_model_keeps_its_adapter_in_fp32_through_trl(tmp_path, embedded_p
     """TRL 1.15 casts the LoRA weights of any model flagged as 4-bit to bf16; in fp16 on a T4 the gradient
     scaler then fails on the first step. training.train puts PEFT's fp32 back (the flag is TRL's own test)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from afinar import modeling, training
+    from afinar import training
     from afinar.layout import OutputLayout
-    from afinar.prompts import ensure_pad_token
 
-    tokenizer = AutoTokenizer.from_pretrained(embedded_path)
-    ensure_pad_token(tokenizer)
-    entries = json.loads(open("tu_dataset.json", encoding="utf-8").read())[:6]
-    settings = {"max_seq_length": 128, "learning_rate": 1e-3, "epochs": 1, "max_steps": 1, "batch_size": 2,
-                "grad_accum": 1, "seed": 0, "warmup_ratio": 0.0, "save_steps": 10**6, "save_minutes": 10**6,
-                "logging_steps": 1}
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
-    model = modeling.add_lora(LlamaForCausalLM(config), backend="hf", lora_r=4, lora_alpha=4, lora_dropout=0.0,
-                              seed=0)
+    model, tokenizer, entries, settings = _tiny_lora_run(embedded_path, entries=6, max_seq_length=128, steps=1)
     model.is_loaded_in_4bit = True  # what TRL reads to decide the cast
     training.train(model, tokenizer, entries, layout=OutputLayout.at(tmp_path), settings=settings,
                    precision="fp32", packing=True)
