@@ -132,13 +132,13 @@ def plan(settings: dict[str, Any], device: DeviceInfo, requested: str = "auto",
         auto_batch = _compiled_batch(memory, settings["max_seq_length"])
         if memory < 35:
             reasons.append(f"{memory:.0f} GiB: la base descuantizada (~2,5 GB en un modelo 1B) y el lote caben en el "
-                           f"{MEMORY_SHARE:.0%} de la tarjeta con checkpointing")
+                           f"{MEMORY_SHARE * 100:.0f} % de la tarjeta con checkpointing")
         # Checkpointing stays on: it is what was measured (TRL's default). Without it the forward would not
         # be recomputed (~1/3 of the layers' matmuls) for several times the activation memory: not measured yet.
         reasons.append("checkpointing de gradientes: la configuración medida en la H200 (BENCHMARKS.md)")
         if batch is None:
             reasons.append(f"lote automático: {auto_batch} filas de hasta {settings['max_seq_length']} tokens "
-                           f"caben en el 80 % de {memory:.0f} GiB")
+                           f"caben en el {MEMORY_SHARE * 100:.0f} % de {memory:.0f} GiB")
             if packed_rows and packed_rows // MIN_STEPS_PER_EPOCH < auto_batch:
                 auto_batch = max(1, packed_rows // MIN_STEPS_PER_EPOCH)
                 reasons.append(f"los datos caben en {packed_rows} filas: lote de {auto_batch} para dar al menos "
