@@ -36,10 +36,16 @@ def sequence_logps(model, batch: dict[str, Any]):
     """
     import torch
 
+    from . import frozen_prefix
+
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(causal_lm.parameters()).device
-    input_ids = batch["input_ids"].to(device)
-    hidden = causal_lm.model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).last_hidden_state
+    features = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    prefix = frozen_prefix.of(causal_lm)  # stage 03's preference phase: the frozen layers once per row
+    if prefix is not None:
+        hidden = prefix.last_hidden_state(features, batch["attention_mask"].sum(dim=1).tolist())
+    else:
+        hidden = causal_lm.model(**features).last_hidden_state
     targets = batch["labels"][:, 1:].to(device)
     keep = targets != IGNORE_INDEX
     logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()

@@ -71,6 +71,9 @@ class Collator:
             # A Python int, not a tensor: the trainer would move a tensor to the GPU and reading it back
             # would wait for the GPU once per step.
             "real_tokens": sum(len(e["input_ids"]) for e in examples),
+            # Each row's real tokens (a list of ints, popped with real_tokens): afinar.frozen_prefix keys
+            # its stored rows on them.
+            "row_lengths": [len(e["input_ids"]) for e in examples],
         }
         key = "position_ids" if packed else "attention_mask"
         batch[key] = torch.tensor(extra, dtype=torch.long)

@@ -201,8 +201,15 @@ def _prepare_and_train(args, layout: OutputLayout, run_manifest: dict, resolved:
     for reason in plan.reasons:
         print(f"  {reason}")
 
+    from . import frozen_prefix
     from .training import finite_adapter, train
 
+    # On a CPU with LoRA on the top layers only, the frozen layers below run once per row, not once per epoch.
+    prefix = frozen_prefix.attach(model) if device.kind != "cuda" else None
+    if prefix is not None:
+        print(f"Capas congeladas 0-{prefix.start - 1}: se calculan una vez por fila y se guardan; las épocas "
+              f"siguientes y las preferencias solo recorren las {model.config.num_hidden_layers - prefix.start} "
+              f"capas con LoRA.")
     before = _lora_snapshot(model)
     started = time.perf_counter()
     metrics = train(model, tokenizer, prepared.train, layout=layout, settings=resolved, precision=precision,
@@ -212,6 +219,9 @@ def _prepare_and_train(args, layout: OutputLayout, run_manifest: dict, resolved:
                     kernel_fallback=engine.kernel_fallback(model, plan))
     metrics["engine"] = plan.as_dict()
     metrics["preference"] = _preference_phase(model, tokenizer, prepared.train, resolved, device.kind, precision)
+    if prefix is not None:
+        metrics["frozen_prefix"] = prefix.summary()
+        frozen_prefix.detach(model)
     if not finite_adapter(model):
         raise UserError("El adaptador entrenado contiene NaN o infinitos: no se guarda. Baja --learning-rate.")
     _check_it_trained(metrics, model, before, resolved["max_seq_length"])

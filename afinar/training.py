@@ -41,19 +41,26 @@ def build_dataset(entries: list[dict], tokenizer, max_seq_length: int, packing: 
     return Dataset.from_list(rows)
 
 
-def response_only_loss(model, inputs: dict, num_items_in_batch=None):
+def response_only_loss(model, inputs: dict, num_items_in_batch=None, row_lengths: list[int] | None = None):
     """Cross-entropy of the labelled (response) tokens, without logits for the prompt positions.
 
     Equal to the model's own loss (sum over labelled next tokens / their count, or / num_items_in_batch
     under gradient accumulation), but the 49k- or 128k-wide LM head only sees the positions that count.
+    row_lengths (each row's real tokens, from the collator): with a frozen prefix attached (afinar.frozen_prefix),
+    the frozen layers below the adapter run once per row instead of once per epoch.
     """
     import torch.nn.functional as F
 
+    from . import frozen_prefix
     from .prompts import IGNORE_INDEX
 
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     features = {k: v for k, v in inputs.items() if k != "labels"}
-    hidden = causal_lm.model(**features).last_hidden_state
+    prefix = frozen_prefix.of(causal_lm)
+    if prefix is not None and row_lengths is not None:
+        hidden = prefix.last_hidden_state(features, row_lengths)
+    else:
+        hidden = causal_lm.model(**features).last_hidden_state
     targets = inputs["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()
@@ -89,6 +96,7 @@ def _make_trainer_class(loss_impl: str = "auto"):
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             tokens = int(inputs.pop("real_tokens"))
+            row_lengths = inputs.pop("row_lengths", None)
             if not model.training:
                 # The periodic evaluation: the same response-only loss, and no training-token count.
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
@@ -99,7 +107,7 @@ def _make_trainer_class(loss_impl: str = "auto"):
                 # TRL 1.15 always routes through a Triton-only fused LM head, which crashes on CPU
                 # ('NoneType' object has no attribute 'apply'). We compute the same token-mean
                 # cross-entropy ourselves, projecting only the response positions through the LM head.
-                result = response_only_loss(model, inputs, num_items_in_batch)
+                result = response_only_loss(model, inputs, num_items_in_batch, row_lengths)
             else:
                 # Wrapped (DDP) models must run their own forward so gradient hooks fire.
                 result = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)

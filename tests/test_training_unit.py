@@ -34,6 +34,7 @@ def _batch(tokenizer, packed: bool):
         rows = pack_in_order(rows, 160)
     batch = Collator(tokenizer.pad_token_id)(rows)
     batch.pop("real_tokens")
+    batch.pop("row_lengths")
     return batch
 
 

@@ -1,0 +1,119 @@
+"""The stored frozen prefix (afinar.frozen_prefix): the same loss and LoRA gradients as the full forward, on the
+real embedded model, for packed SFT batches and for the right-padded pairs of the preference phase."""
+
+from __future__ import annotations
+
+import pytest
+
+ENTRIES = [
+    {"instruction": "¿Qué es el estroma?", "output": "Es el líquido que rodea los tilacoides del cloroplasto."},
+    {"instruction": "Define la fotólisis del agua.", "output": "La ruptura del agua por la luz en el fotosistema II."},
+    {"instruction": "¿Respiran las plantas?", "output": "Sí, de día y de noche, en sus mitocondrias."},
+    {"instruction": "¿De dónde sale el oxígeno?", "output": "Del agua que se rompe en el fotosistema II."},
+]
+
+
+@pytest.fixture(scope="module")
+def top_lora_model(embedded_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from afinar.settings import LORA_TARGET_MODULES
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(embedded_path, dtype=torch.float32)
+    total = model.config.num_hidden_layers
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGET_MODULES, init_lora_weights=False,
+                        task_type="CAUSAL_LM", layers_to_transform=list(range(total - 4, total)))
+    return get_peft_model(model, config), AutoTokenizer.from_pretrained(embedded_path)
+
+
+def _rows(tokenizer):
+    from afinar.prompts import tokenize_example
+
+    return [tokenize_example(tokenizer, e, 256) for e in ENTRIES]
+
+
+def _loss_and_grads(model, fn):
+    model.zero_grad(set_to_none=True)
+    loss = fn()
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def _assert_same(a, b):
+    import torch
+
+    assert torch.allclose(a[0], b[0], rtol=1e-5, atol=1e-6), (a[0], b[0])
+    assert a[1].keys() == b[1].keys() and a[1]
+    for name in a[1]:
+        assert torch.allclose(a[1][name], b[1][name], rtol=1e-4, atol=1e-6), name
+
+
+def test_first_adapted_layer_is_the_lowest_with_lora(top_lora_model):
+    from afinar import frozen_prefix
+
+    model, _ = top_lora_model
+    assert frozen_prefix.first_adapted_layer(model) == model.config.num_hidden_layers - 4
+
+
+def test_packed_sft_loss_and_gradients_match_and_rows_are_reused(top_lora_model):
+    from afinar import frozen_prefix
+    from afinar.packing import Collator, pack_in_order
+    from afinar.training import response_only_loss
+
+    model, tokenizer = top_lora_model
+    model.train()
+    packed = pack_in_order(_rows(tokenizer), 120)
+    assert len(packed) >= 2  # rows of different lengths: the shorter is padded
+    batch = Collator(tokenizer.pad_token_id)(packed)
+    batch.pop("real_tokens")
+    lengths = batch.pop("row_lengths")
+    plain = _loss_and_grads(model, lambda: response_only_loss(model, batch))
+    prefix = frozen_prefix.attach(model)
+    try:
+        first = _loss_and_grads(model, lambda: response_only_loss(model, batch, row_lengths=lengths))
+        assert prefix.misses == len(packed) and prefix.hits == 0
+        second = _loss_and_grads(model, lambda: response_only_loss(model, batch, row_lengths=lengths))
+        assert prefix.hits == len(packed)  # the second epoch runs only the adapted layers
+        # The same rows in another batch with other padding (one row alone, unpadded) are found too.
+        alone = Collator(tokenizer.pad_token_id)(packed[-1:])
+        alone.pop("real_tokens")
+        response_only_loss(model, alone, row_lengths=alone.pop("row_lengths")).detach()
+        assert prefix.hits == len(packed) + 1 and prefix.misses == len(packed)
+    finally:
+        frozen_prefix.detach(model)
+    _assert_same(plain, first)
+    _assert_same(plain, second)
+
+
+def test_preference_logps_match_with_right_padding(top_lora_model):
+    from afinar import frozen_prefix
+    from afinar.logprobs import right_padded, sequence_logps
+
+    model, tokenizer = top_lora_model
+    batch = right_padded(_rows(tokenizer), tokenizer.pad_token_id)
+    assert len(set(batch["attention_mask"].sum(dim=1).tolist())) > 1
+    plain = _loss_and_grads(model, lambda: sequence_logps(model, batch)[0].sum())
+    prefix = frozen_prefix.attach(model)
+    try:
+        cached = [_loss_and_grads(model, lambda: sequence_logps(model, batch)[0].sum()) for _ in range(2)]
+        assert prefix.hits == len(ENTRIES) and prefix.misses == len(ENTRIES)
+    finally:
+        frozen_prefix.detach(model)
+    for result in cached:
+        _assert_same(plain, result)
+
+
+def test_no_prefix_when_every_layer_is_adapted(embedded_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from afinar import frozen_prefix
+
+    model = AutoModelForCausalLM.from_pretrained(embedded_path, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    assert frozen_prefix.first_adapted_layer(model) == 0 and frozen_prefix.attach(model) is None
