@@ -1,0 +1,112 @@
+"""What the CPU demo learns under several settings, in one process: held-out perplexity and the misconception probe.
+
+The model is loaded once, the data prepared once (as stage 03 does), the base model's perplexity and probe
+measured once; then each configuration gets a fresh adapter, the SFT of `afinar.training.train` and the DPO of
+`afinar.preference`, and is scored like stage 04 scores it (no generation: EOS, Spanish and repetition need the
+real 04, run on the winner). Configurations with the same --lora-layers share the stored frozen prefix
+(afinar.frozen_prefix), so only the first pays for the layers below the adapter; its seconds say so.
+
+    python bench/cpu_quality_sweep.py --out /tmp/quality.json \\
+        "k4:K=4" "k4_lr3:K=4,lr=3e-3" "k8_e2:K=8,epochs=2,pe=3"
+
+Keys: K (lora layers), r, alpha, lr, epochs, pe (preference epochs), plr (preference lr), beta, seq (max length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEFAULTS = {"K": 4, "r": 16, "alpha": 32, "lr": 2e-3, "epochs": 3.0, "pe": 2.0, "plr": 5e-4, "beta": 0.1,
+            "seq": 640}
+
+
+def parse(spec: str) -> tuple[str, dict]:
+    name, _, body = spec.partition(":")
+    config = dict(DEFAULTS)
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        config[key] = type(DEFAULTS[key])(float(value)) if key in DEFAULTS else value
+    return name, config
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("configs", nargs="+")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--dataset", default=str(ROOT / "tu_dataset.json"))
+    parser.add_argument("--probe", default=str(ROOT / "sondas_errores.json"))
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from afinar import embedded, frozen_prefix, modeling, preference, probe
+    from afinar.data import prepare
+    from afinar.layout import OutputLayout
+    from afinar.perplexity import perplexity
+    from afinar.prompts import ensure_pad_token
+    from afinar.training import train
+
+    path = str(embedded.checkpoint_dir())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ensure_pad_token(tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    pairs = probe.load_pairs(args.probe)
+    results = {"threads": torch.get_num_threads(), "configs": []}
+    out = Path(args.out)
+    caches: dict[int, frozen_prefix.FrozenPrefix] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = prepare(args.dataset, seed=42, tokenizer=tokenizer, max_seq_length=DEFAULTS["seq"],
+                           layout=OutputLayout.at(Path(tmp) / "prep"))
+        started = time.perf_counter()
+        results["ppl_before"] = perplexity(base, tokenizer, prepared.eval, max_seq_length=640, batch_size=4)
+        results["probe_before"] = sum(r["true_wins"] for r in probe.score_pairs(base, tokenizer, pairs))
+        results["before_seconds"] = round(time.perf_counter() - started, 1)
+        print(json.dumps(results), flush=True)
+        for number, spec in enumerate(args.configs):
+            name, c = parse(spec)
+            model = modeling.add_lora(base, backend="hf", lora_r=int(c["r"]), lora_alpha=int(c["alpha"]),
+                                      lora_dropout=0.0, seed=42, lora_layers=int(c["K"]))
+            start = frozen_prefix.first_adapted_layer(model)
+            if start:
+                caches.setdefault(start, frozen_prefix.FrozenPrefix(base, start))
+                base._afinar_frozen_prefix = caches[start]
+            settings = {"max_seq_length": int(c["seq"]), "learning_rate": c["lr"], "epochs": c["epochs"],
+                        "max_steps": None, "batch_size": 4, "grad_accum": 1, "seed": 42, "warmup_ratio": 0.05,
+                        "save_steps": 10_000, "save_minutes": 10_000.0, "logging_steps": 10, "eval_steps": None}
+            t0 = time.perf_counter()
+            metrics = train(model, tokenizer, prepared.train, layout=OutputLayout.at(Path(tmp) / f"c{number}"),
+                            settings=settings, precision="fp32", packing=True)
+            t1 = time.perf_counter()
+            pref = {"mode": "none"}
+            if c["pe"] > 0:
+                pref = preference.train_preference(model, tokenizer, prepared.train, max_seq_length=int(c["seq"]),
+                                                   beta=c["beta"], epochs=c["pe"], learning_rate=c["plr"],
+                                                   batch_size=8, sft_weight=1.0, seed=42)
+            t2 = time.perf_counter()
+            base.__dict__.pop("_afinar_frozen_prefix", None)
+            ppl = perplexity(model, tokenizer, prepared.eval, max_seq_length=640, batch_size=4)
+            wins = [r for r in probe.score_pairs(model, tokenizer, pairs)]
+            row = {"name": name, **c, "sft_seconds": round(t1 - t0, 1), "pref_seconds": round(t2 - t1, 1),
+                   "steps": metrics["global_step"], "final_loss": metrics["final_loss"],
+                   "ppl_after": round(ppl, 3), "ppl_ratio": round(ppl / results["ppl_before"], 4),
+                   "probe_after": sum(r["true_wins"] for r in wins), "probe_total": len(wins),
+                   "probe_lost": sorted({r["tema"] for r in wins if not r["true_wins"]}),
+                   "pref_train_correct": pref.get("train_pairs_correct_after")}
+            results["configs"].append(row)
+            print(json.dumps(row, ensure_ascii=False), flush=True)
+            out.write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
+            base = model.unload()  # the base without LoRA layers, for the next configuration
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
