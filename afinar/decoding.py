@@ -9,12 +9,14 @@ pad_token_id=pad)` computes, token for token, but keeps every per-token decision
 - a row that produced a stop token is marked finished on the device and gets the pad token from then on, as in
   `generate`; the host looks at "all rows finished" only every few steps (one sync per STOP_CHECK_EVERY tokens
   on a GPU, where each sync stalls the queue of kernels);
-- on CUDA the KV cache is a StaticCache sized once for the batch (prompt + max_new_tokens), so one decode step
-  always has the same shapes and addresses and is recorded once as a CUDA graph and replayed for every token:
-  the host launches one graph per token instead of hundreds of kernels, and the per-token Python of the model
-  is paid once. Recording costs about one step, so short jobs (the 10 contrast questions) do not pay a compile.
-  Optionally (mode "compile") the forward is first compiled with torch.compile (fused kernels, ~2x fewer
-  launches) and then recorded; that pays a compilation once per process and suits long jobs.
+- on CUDA the KV cache is a StaticCache sized once for the batch (prompt + max_new_tokens, rounded up), so one
+  decode step always has the same shapes and addresses and is recorded once as a CUDA graph and replayed for every
+  token: the host launches one graph per token instead of hundreds of kernels. The cache, the buffers and the
+  recorded graph form a session kept per batch shape (on the model), so a later call of the same shape only loads
+  its prompt and replays: recording is paid once per shape and process, not per question.
+  Optionally (mode "compile", for long jobs of a fixed shape) the whole step (forward, penalty, argmax, stop and
+  cache bookkeeping) is first compiled with torch.compile (fused kernels) and then recorded; that pays a
+  compilation (~15 s for a 1B model on an H200) once per shape and process.
 
 On the CPU there are no graphs: the loop runs eagerly with the same DynamicCache, masks and positions that
 `generate` uses, so the logits are bit-identical to `generate`'s (tests/test_decoding.py checks the tokens).
@@ -38,6 +40,7 @@ CACHE_BUCKET = 128
 # Sessions (static cache, buffers, recorded graph) kept per model, least recently used dropped first. Each holds
 # its cache and the graph's memory pool: a few hundred MB for a 1B model and a batch of 16.
 MAX_SESSIONS = 4
+SESSIONS_ATTR = "_afinar_decode_sessions"  # where a model keeps its sessions (they die with it)
 # AFINAR_COMPILE_MODE: torch.compile's mode for AFINAR_DECODE=compile (the whole decode step is compiled, then
 # recorded as a CUDA graph by us, so inductor's own graphs stay off).
 COMPILE_MODE_ENV = "AFINAR_COMPILE_MODE"
@@ -79,6 +82,7 @@ def greedy_generate(
                         on_tokens, mode)
         except Exception as err:  # noqa: BLE001 - any failure of the fast path falls back to the eager loop
             if _is_out_of_memory(err):
+                model.__dict__.pop(SESSIONS_ATTR, None)  # free the cached shapes before the caller retries
                 raise  # the caller halves the batch; eager would run out of memory as well
             _broken[mode] = f"{type(err).__name__}: {err}"
             log(f"Aviso: la generación rápida ({mode}) falló ({type(err).__name__}: {str(err)[:200]}); "
@@ -256,10 +260,10 @@ def _session(model, mode, batch, total, penalty, stop_ids, pad_id, device) -> _S
     """The model's session for this shape and these settings (made on first use, least recently used dropped)."""
     from collections import OrderedDict
 
-    sessions = model.__dict__.get("_afinar_decode_sessions")
+    sessions = model.__dict__.get(SESSIONS_ATTR)
     if sessions is None:
         sessions = OrderedDict()
-        model.__dict__["_afinar_decode_sessions"] = sessions  # dies with the model, not kept by this module
+        model.__dict__[SESSIONS_ATTR] = sessions  # dies with the model, not kept by this module
     compile_mode = os.environ.get(COMPILE_MODE_ENV, DEFAULT_COMPILE_MODE) if mode == "compile" else None
     key = (mode, compile_mode, batch, total, float(penalty), tuple(int(s) for s in stop_ids), int(pad_id), str(device))
     session = sessions.pop(key, None)
