@@ -9,12 +9,14 @@ pad_token_id=pad)` computes, token for token, but keeps every per-token decision
 - a row that produced a stop token is marked finished on the device and gets the pad token from then on, as in
   `generate`; the host looks at "all rows finished" only every few steps (one sync per STOP_CHECK_EVERY tokens
   on a GPU, where each sync stalls the queue of kernels);
-- on CUDA the KV cache is a StaticCache sized once for the batch (prompt + max_new_tokens), so one decode step
-  always has the same shapes and addresses and is recorded once as a CUDA graph and replayed for every token:
-  the host launches one graph per token instead of hundreds of kernels, and the per-token Python of the model
-  is paid once. Recording costs about one step, so short jobs (the 10 contrast questions) do not pay a compile.
-  Optionally (mode "compile") the forward is first compiled with torch.compile (fused kernels, ~2x fewer
-  launches) and then recorded; that pays a compilation once per process and suits long jobs.
+- on CUDA the KV cache is a StaticCache sized once for the batch (prompt + max_new_tokens, rounded up), so one
+  decode step always has the same shapes and addresses and is recorded once as a CUDA graph and replayed for every
+  token: the host launches one graph per token instead of hundreds of kernels. The cache, the buffers and the
+  recorded graph form a session kept per batch shape (on the model), so a later call of the same shape only loads
+  its prompt and replays: recording is paid once per shape and process, not per question.
+  Optionally (mode "compile", for long jobs of a fixed shape) the whole step (forward, penalty, argmax, stop and
+  cache bookkeeping) is first compiled with torch.compile (fused kernels) and then recorded; that pays a
+  compilation (~15 s for a 1B model on an H200) once per shape and process.
 
 On the CPU there are no graphs: the loop runs eagerly with the same DynamicCache, masks and positions that
 `generate` uses, so the logits are bit-identical to `generate`'s (tests/test_decoding.py checks the tokens).
@@ -30,16 +32,25 @@ from typing import Callable, Sequence
 # One host sync (the "are all rows finished?" read, and the streamed tokens) every this many tokens on a GPU.
 # Waste when every row has finished: at most STOP_CHECK_EVERY - 1 extra steps, each ~2 ms on an H200.
 STOP_CHECK_EVERY = 16
-# The static cache is rounded up to a multiple of this, so consecutive batches of similar prompts reuse the
-# compiled code (torch.compile specialises on shapes) and the allocator's blocks.
-CACHE_BUCKET = 64
+# The static cache is rounded up to a multiple of this, so consecutive batches of similar prompts fall in the same
+# session (below) and reuse its buffers, its recorded graph and its compiled code (torch.compile specialises on
+# shapes). Attention over the unused slots costs little: at 256 slots the keys and values of one row are ~2% of
+# the weights read per step.
+CACHE_BUCKET = 128
+# Sessions (static cache, buffers, recorded graph) kept per model, least recently used dropped first. Each holds
+# its cache and the graph's memory pool: a few hundred MB for a 1B model and a batch of 16.
+MAX_SESSIONS = 4
+SESSIONS_ATTR = "_afinar_decode_sessions"  # where a model keeps its sessions (they die with it)
+# AFINAR_COMPILE_MODE: torch.compile's mode for AFINAR_DECODE=compile (the whole decode step is compiled, then
+# recorded as a CUDA graph by us, so inductor's own graphs stay off).
+COMPILE_MODE_ENV = "AFINAR_COMPILE_MODE"
+DEFAULT_COMPILE_MODE = "default"
 # "static": the GPU path's StaticCache and fixed-width mask without graphs, anywhere (tests check it on the CPU).
 MODES = ("auto", "eager", "graphs", "compile", "static")
 # AFINAR_DECODE=eager|graphs|compile overrides "auto" (benchmarks and debugging).
 MODE_ENV = "AFINAR_DECODE"
 
 _broken: dict[str, str] = {}  # mode -> why it failed once in this process (never retried, one message)
-_compiled: dict[int, Callable] = {}  # id(model) -> its compiled forward
 
 
 def greedy_generate(
@@ -71,6 +82,7 @@ def greedy_generate(
                         on_tokens, mode)
         except Exception as err:  # noqa: BLE001 - any failure of the fast path falls back to the eager loop
             if _is_out_of_memory(err):
+                model.__dict__.pop(SESSIONS_ATTR, None)  # free the cached shapes before the caller retries
                 raise  # the caller halves the batch; eager would run out of memory as well
             _broken[mode] = f"{type(err).__name__}: {err}"
             log(f"Aviso: la generación rápida ({mode}) falló ({type(err).__name__}: {str(err)[:200]}); "
@@ -107,46 +119,55 @@ def _run(model, input_ids, attention_mask, max_new_tokens, penalty, stop_ids, pa
     input_ids = input_ids.to(device)
     attention_mask = attention_mask.to(device).long()
     batch, width = input_ids.shape
-    total = width + max_new_tokens
     # "static" (no graphs) exists for the tests: the static-cache bookkeeping of the GPU path, checked on the CPU.
-    static = mode in ("graphs", "compile", "static")
-    if static:
-        from transformers import StaticCache
-
-        total = -(-total // CACHE_BUCKET) * CACHE_BUCKET
-        cache = StaticCache(config=model.config, max_cache_len=total)
-    else:
-        cache = None  # the model makes the same DynamicCache that generate() would
-    # Generated positions are always attended (a finished row keeps attending its pads, as in generate());
-    # the causal rule hides the slots not written yet. With a static cache the full-width mask never changes.
-    mask = torch.cat([attention_mask, attention_mask.new_ones(batch, total - width)], dim=1)
+    if mode in ("graphs", "compile", "static"):
+        return _run_static(model, input_ids, attention_mask, max_new_tokens, penalty, stop_ids, pad_id, on_tokens,
+                           mode, device)
     # generate()'s positions: count of real tokens before each one, so left padding does not shift them.
     positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    # Generated positions are always attended (a finished row keeps attending its pads, as in generate()); the
+    # mask grows by one column a step, exactly as generate() extends it.
+    mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)
+    prefill = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1)
+    cache = prefill.past_key_values  # the same DynamicCache that generate() would make
+    state = _State(batch, prefill.logits.shape[-1], max_new_tokens, device, penalty, stop_ids, pad_id)
+    state.seen_prompt(input_ids)
+    state.take(prefill.logits[:, -1].to(dtype=torch.float32))
+    del prefill
+    position = positions[:, -1:].clone()
+    produced = 1
+    streamed = 0
+    while produced < max_new_tokens and not bool(state.done.all()):
+        if on_tokens is not None:
+            streamed = _stream(state, streamed, produced, on_tokens)
+        position.add_(1)
+        out = model(input_ids=state.token.view(batch, 1), attention_mask=mask[:, : width + produced],
+                    position_ids=position, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        state.take(out.logits[:, -1].to(dtype=torch.float32))
+        produced += 1
+    if on_tokens is not None:
+        _stream(state, streamed, produced, on_tokens)
+    return state.out[:, :produced].cpu()
 
-    forward = _compiled_forward(model) if mode == "compile" else model
-    prefill = model(input_ids=input_ids, attention_mask=mask if static else attention_mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-    cache = prefill.past_key_values
+
+def _run_static(model, input_ids, attention_mask, max_new_tokens, penalty, stop_ids, pad_id, on_tokens, mode,
+                device):
+    """The GPU path: a reusable session (static cache, fixed buffers, one recorded decode step) per batch shape."""
+    import torch
+
+    batch, width = input_ids.shape
+    total = -(-(width + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+    session = _session(model, mode, batch, total, penalty, stop_ids, pad_id, device)
+    positions = session.start(input_ids, attention_mask)
+    prefill = model(input_ids=input_ids, attention_mask=session.mask, position_ids=positions,
+                    past_key_values=session.cache, use_cache=True, logits_to_keep=1)
     logits = prefill.logits[:, -1].to(dtype=torch.float32)
     del prefill
-
-    state = _State(batch, logits.shape[-1], max_new_tokens, device, penalty, stop_ids, pad_id)
+    state = session.state_for(logits.shape[-1])
     state.seen_prompt(input_ids)
     state.take(logits)
-    token = state.token.view(batch, 1)
-    position = positions[:, -1:].clone()
-
-    seen_length = [width + 1]  # prompt + the token fed in, a host int: reading state.count would sync
-
-    def step() -> None:
-        position.add_(1)
-        # With the static cache the mask keeps its full width; with the dynamic one it grows by one column,
-        # exactly as generate() extends it.
-        step_mask = mask if static else mask[:, : seen_length[0]]
-        seen_length[0] += 1
-        out = forward(input_ids=token, attention_mask=step_mask, position_ids=position, past_key_values=cache,
-                      use_cache=True, logits_to_keep=1)
-        state.take(out.logits[:, -1].to(dtype=torch.float32))
+    del logits
 
     produced = 1
     streamed = 0
@@ -154,15 +175,15 @@ def _run(model, input_ids, attention_mask, max_new_tokens, penalty, stop_ids, pa
         while produced < max_new_tokens and not bool(state.done.all()):
             if on_tokens is not None:
                 streamed = _stream(state, streamed, produced, on_tokens)
-            step()
+            session.step()
             produced += 1
         if on_tokens is not None:
             _stream(state, streamed, produced, on_tokens)
         return state.out[:, :produced].cpu()
 
-    run_step = step
-    if static and produced < max_new_tokens:
-        run_step = _record(step, device)  # the recording does not run the step; the warm-up before it did
+    if session.replay is None and produced < max_new_tokens:
+        # The recording does not run the step; the warm-up before it did (and compiled it, in "compile" mode).
+        session.replay = _record(session.step, device)
         produced += 1
     since_check = 0
     while produced < max_new_tokens:
@@ -172,7 +193,7 @@ def _run(model, input_ids, attention_mask, max_new_tokens, penalty, stop_ids, pa
                 streamed = _stream(state, streamed, produced, on_tokens)
             if bool(state.done.all()):
                 break
-        run_step()
+        session.replay()
         produced += 1
         since_check += 1
     torch.cuda.synchronize(device)
@@ -183,6 +204,75 @@ def _run(model, input_ids, attention_mask, max_new_tokens, penalty, stop_ids, pa
     if on_tokens is not None and finished_at > streamed:
         on_tokens(out[:, streamed:finished_at].tolist())
     return out
+
+
+class _Session:
+    """Static cache, mask, positions, decoding state and the recorded decode step of one batch shape.
+
+    Every tensor the step reads or writes lives here at a fixed address, so the CUDA graph recorded by the first
+    call is replayed by every later call of the same shape: a new call only copies its prompt's mask and positions
+    in, resets the cache and runs its prefill. Recording (and, in "compile" mode, compiling) is paid once per shape
+    and process, not once per question.
+    """
+
+    def __init__(self, model, mode, batch, total, penalty, stop_ids, pad_id, device):
+        import torch
+        from transformers import StaticCache
+
+        self.model, self.batch, self.total, self.device = model, batch, total, device
+        self.penalty, self.stop_ids, self.pad_id = penalty, stop_ids, pad_id
+        self.cache = StaticCache(config=model.config, max_cache_len=total)
+        self.mask = torch.ones(batch, total, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.state: _State | None = None
+        self.replay: Callable[[], None] | None = None
+        self.step = _compiled_step(self._step) if mode == "compile" else self._step
+
+    def start(self, input_ids, attention_mask):
+        """Load a new prompt batch; returns its prefill positions."""
+        width = input_ids.shape[1]
+        self.cache.reset()
+        # Generated positions are always attended (a finished row keeps attending its pads, as in generate());
+        # the causal rule hides the slots not written yet. The full-width mask never changes during decoding.
+        self.mask[:, :width].copy_(attention_mask)
+        self.mask[:, width:].fill_(1)
+        # generate()'s positions: count of real tokens before each one, so left padding does not shift them.
+        positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        self.position.copy_(positions[:, -1:])
+        if self.state is not None:
+            self.state.reset()
+        return positions
+
+    def state_for(self, vocab: int) -> "_State":
+        if self.state is None:
+            self.state = _State(self.batch, vocab, self.total, self.device, self.penalty, self.stop_ids,
+                                self.pad_id)
+        return self.state
+
+    def _step(self) -> None:
+        self.position.add_(1)
+        out = self.model(input_ids=self.state.token.view(self.batch, 1), attention_mask=self.mask,
+                         position_ids=self.position, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.state.take(out.logits[:, -1].to(dtype=self.state.dtype))
+
+
+def _session(model, mode, batch, total, penalty, stop_ids, pad_id, device) -> _Session:
+    """The model's session for this shape and these settings (made on first use, least recently used dropped)."""
+    from collections import OrderedDict
+
+    sessions = model.__dict__.get(SESSIONS_ATTR)
+    if sessions is None:
+        sessions = OrderedDict()
+        model.__dict__[SESSIONS_ATTR] = sessions  # dies with the model, not kept by this module
+    compile_mode = os.environ.get(COMPILE_MODE_ENV, DEFAULT_COMPILE_MODE) if mode == "compile" else None
+    key = (mode, compile_mode, batch, total, float(penalty), tuple(int(s) for s in stop_ids), int(pad_id), str(device))
+    session = sessions.pop(key, None)
+    if session is None:
+        session = _Session(model, mode, batch, total, penalty, stop_ids, pad_id, device)
+        while len(sessions) >= MAX_SESSIONS:
+            sessions.popitem(last=False)
+    sessions[key] = session
+    return session
 
 
 class _State:
@@ -199,7 +289,15 @@ class _State:
         self.out = torch.full((batch, max_new_tokens), int(pad_id), dtype=torch.long, device=device)
         self.count = torch.zeros(1, dtype=torch.long, device=device)
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
-        self.max_new_tokens = max_new_tokens
+        self.dtype = torch.float32  # the penalty and the argmax work on fp32 logits, as generate()'s do
+
+    def reset(self) -> None:
+        """Ready for a new batch of the same shape, keeping every tensor at its address."""
+        if self.seen is not None:
+            self.seen.zero_()
+        self.done.zero_()
+        self.out.fill_(int(self.pad))
+        self.count.zero_()
 
     def seen_prompt(self, input_ids) -> None:
         # The whole prompt row counts, left padding included: generate() penalises input_ids as they are.
@@ -217,7 +315,7 @@ class _State:
             logits = torch.where(self.seen, penalised, logits)
         token = logits.argmax(dim=-1)
         token = torch.where(self.done, self.pad, token)
-        # count never goes past max_new_tokens - 1 here: the host runs at most max_new_tokens steps.
+        # count never goes past the width of out here: the host runs at most max_new_tokens steps.
         self.out.index_copy_(1, self.count, token.unsqueeze(1))
         self.count.add_(1)
         self.done.logical_or_((token.unsqueeze(1) == self.stops).any(dim=1))
@@ -241,15 +339,24 @@ def _record(step: Callable[[], None], device) -> Callable[[], None]:
     return graph.replay
 
 
-def _compiled_forward(model):
+def _compiled_step(step: Callable[[], None]) -> Callable[[], None]:
+    """The whole decode step (forward, penalty, argmax, stop and cache bookkeeping) as one compiled function.
+
+    Inductor fuses the small kernels between the matrix products (norms, rotary, residuals, the penalty into the
+    argmax); _record then records the fused kernels as one CUDA graph. Inductor's own CUDA graphs stay off (the
+    "-no-cudagraphs" modes, or "default"): two graph layers would copy the inputs on every step.
+    """
     import torch
 
-    key = id(model)
-    if key not in _compiled:
-        # No CUDA graphs from torch.compile ("default" mode): _record records the compiled kernels itself, with the
-        # sampling and stop bookkeeping in the same graph. Dynamic shapes off: one batch shape per compile.
-        _compiled[key] = torch.compile(model, dynamic=False, fullgraph=False)
-    return _compiled[key]
+    mode = os.environ.get(COMPILE_MODE_ENV, DEFAULT_COMPILE_MODE)
+    if mode not in ("default", "max-autotune-no-cudagraphs"):
+        raise ValueError(f"{COMPILE_MODE_ENV} debe ser default o max-autotune-no-cudagraphs (se pidió {mode!r}).")
+    # One compilation per session (shape); the default limit of 8 would silently fall back to eager later on.
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 64))
+    fullgraph = os.environ.get("AFINAR_COMPILE_FULLGRAPH", "1") != "0"  # 0: let dynamo split the step (debugging)
+    return torch.compile(step, mode=None if mode == "default" else mode, dynamic=False, fullgraph=fullgraph)
 
 
 def _stream(state, streamed: int, produced: int, on_tokens) -> int:

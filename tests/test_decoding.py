@@ -78,6 +78,24 @@ def test_fast_loop_gives_generate_tokens_with_penalty_and_eos(model_and_tokenize
     assert not torch.equal(outputs[1.0][:, :NEW_TOKENS // 2], outputs[1.15][:, :NEW_TOKENS // 2])
 
 
+@pytest.mark.slow
+def test_a_reused_session_gives_generate_tokens(model_and_tokenizer):
+    # The GPU path keeps one session (static cache, buffers, recorded step) per batch shape and reuses it for the
+    # next batch of that shape: nothing of the first batch may leak into the second (cache, penalty mask, stops).
+    model, tokenizer = model_and_tokenizer
+    model.__dict__.pop(decoding.SESSIONS_ATTR, None)
+    options = _generate_options(model, tokenizer, 8, False, 1.15)
+    for questions in (QUESTIONS, QUESTIONS[::-1]):
+        batch = left_padded_batch(tokenizer, [chat_prompt_ids(tokenizer, question_messages(q)) for q in questions])
+        with torch.inference_mode():
+            reference = reference_generate(model, batch, options)
+            fast = decoding.greedy_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=8,
+                                            repetition_penalty=1.15, stop_ids=options["eos_token_id"],
+                                            pad_id=options["pad_token_id"], mode="static")
+        assert torch.equal(fast, reference), questions
+    assert len(model.__dict__[decoding.SESSIONS_ATTR]) == 1, "the second batch reused the first one's session"
+
+
 def test_one_row_without_padding_matches_generate(model_and_tokenizer):
     # The chat case: one sequence, no padding, the default penalty; token limit short to keep the test quick.
     model, tokenizer = model_and_tokenizer
