@@ -117,3 +117,34 @@ def test_no_prefix_when_every_layer_is_adapted(embedded_path):
     model = AutoModelForCausalLM.from_pretrained(embedded_path, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     assert frozen_prefix.first_adapted_layer(model) == 0 and frozen_prefix.attach(model) is None
+
+
+def test_stage_03_stores_the_prefix_with_top_layer_lora(tmp_path):
+    """The real scripts: 02 --lora-layers 4, then 03 for two epochs with DPO; the second epoch and the preference
+    phase find their rows stored, and the adapter has weights in the top 4 layers only."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from conftest import ROOT, SMALL_QUESTIONS, run_script
+
+    data = json.loads((ROOT / "tu_dataset.json").read_text(encoding="utf-8"))
+    entries = [e for e in data if "rejected" not in e][:6] + [e for e in data if "rejected" in e][:2]
+    (tmp_path / "datos.json").write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "preguntas.json").write_text(json.dumps(SMALL_QUESTIONS[:2], ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "salida"
+    run_script("02_load_model.py", "--output-dir", str(out), "--questions", str(tmp_path / "preguntas.json"),
+               "--max-new-tokens", "4", "--precision", "fp32", "--lora-layers", "4")
+    proc = run_script("03_train_model.py", "--output-dir", str(out), "--dataset", str(tmp_path / "datos.json"),
+                      "--epochs", "2", "--batch-size", "2", "--max-seq-length", "256", "--eval-fraction", "0",
+                      "--preference-epochs", "1")
+    assert "se calculan una vez por fila" in proc.stdout
+    metrics = json.loads((out / "run.json").read_text(encoding="utf-8"))["stages"]["train"]["metrics"]
+    stored = metrics["frozen_prefix"]
+    assert stored["start_layer"] == 26 and stored["rows_stored"] > 0
+    # Epoch 2 and the DPO phase's scoring and steps revisit rows: at least as many hits as first visits.
+    assert stored["hits"] >= stored["misses"] > 0
+    assert metrics["preference"]["mode"] == "dpo"
+    layers = {int(name.split(".layers.")[1].split(".")[0])
+              for name in load_file(str(out / "adapter" / "adapter_model.safetensors"))}
+    assert layers == {26, 27, 28, 29}
