@@ -9,6 +9,13 @@ from pathlib import Path
 
 import pytest
 
+# pytest-xdist workers (pyproject.toml: -n 2) run side by side, one per core: each one, and every script it starts,
+# uses one thread. Two threads per worker would be four on two cores, and PyTorch's OpenMP threads then wait on each
+# other (a generation step ran ~10x slower that way); set before anything imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
