@@ -9,6 +9,13 @@ from pathlib import Path
 
 import pytest
 
+# pytest-xdist workers (pyproject.toml: -n 2) run side by side, one per core: each one, and every script it starts,
+# uses one thread. Two threads per worker would be four on two cores, and PyTorch's OpenMP threads then wait on each
+# other (a generation step ran ~10x slower that way); set before anything imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -42,6 +49,18 @@ SMALL_QUESTIONS = [
 ]
 
 
+def small_probe(path: Path, pairs: int = 2) -> Path:
+    """The first pairs of the project's misconception probe. Stage 04 scores every pair twice (adapter off and
+    on): the 35 pairs of sondas_errores.json are ~18,000 tokens of forward passes per 04, which tests that do not
+    look at the probe need not pay. The probe itself is tested in test_misconceptions.py, and the default file
+    still runs in test_copy_paste.py and the notebook tests."""
+    import json
+
+    probe = json.loads((ROOT / "sondas_errores.json").read_text(encoding="utf-8"))[:pairs]
+    path.write_text(json.dumps(probe, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="session")
 def stage02_dir(tmp_path_factory) -> Path:
     """A finished stage 02 on the embedded model, made once per session. Copy it before changing it."""
@@ -54,7 +73,7 @@ def stage02_dir(tmp_path_factory) -> Path:
     # fp32: the tests built on this (resume, NaN, data parallel) compare numbers exactly, and fp32 is the
     # precision every CPU has; the bf16 default is exercised by the end-to-end and notebook tests.
     run_script("02_load_model.py", "--output-dir", str(out), "--questions", str(questions), "--max-new-tokens", "12",
-               "--precision", "fp32")
+               "--precision", "fp32", "--probe-file", str(small_probe(work / "sonda.json")))
     return out
 
 

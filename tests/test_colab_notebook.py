@@ -13,10 +13,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SMALL_QUESTIONS
+from conftest import ROOT, SMALL_QUESTIONS, small_probe
 
 NOTEBOOK = ROOT / "colab.ipynb"
 TOKEN = "hf_COLABplantedTOKEN0123456789abcdefXYZ"
@@ -77,6 +78,7 @@ def test_parameters_default_to_the_scripts_defaults_and_read_the_environment(mon
     assert defaults["LORA_R"] == parsed["02"].lora_r == 16
     assert defaults["MAX_NEW_TOKENS"] == parsed["02"].max_new_tokens
     assert defaults["QUESTIONS"] == parsed["02"].questions
+    assert defaults["PROBE_FILE"] is None and parsed["02"].probe_file is None  # 02 picks the project's own pairs
     assert defaults["DATASET"] == parsed["03"].dataset
     assert defaults["GGUF"] == parsed["04"].gguf == "q8_0"
     assert defaults["MODEL"] is None and defaults["MAX_STEPS"] is None and defaults["LEARNING_RATE"] is None
@@ -120,6 +122,7 @@ def executed(tmp_path_factory):
     dataset = work / "datos.json"
     entries = json.loads((ROOT / "tu_dataset.json").read_text(encoding="utf-8"))[:24]
     dataset.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
+    probe = small_probe(work / "sonda.json")
 
     # Only the notebook's own parameters are cleared: AFINAR_CACHE (where the embedded model lives) stays.
     parameters = {f"AFINAR_{p.name}" for p in _make_colab().PARAMS} | {
@@ -132,8 +135,11 @@ def executed(tmp_path_factory):
         env.update({
             "AFINAR_OUTPUT_DIR": str(out), "AFINAR_QUESTIONS": str(questions), "AFINAR_DATASET": str(dataset),
             "AFINAR_MAX_STEPS": "2", "AFINAR_BATCH_SIZE": "2", "AFINAR_LOGGING_STEPS": "1",
-            "AFINAR_MAX_SEQ_LENGTH": "256", "AFINAR_MAX_NEW_TOKENS": "16",
+            "AFINAR_MAX_SEQ_LENGTH": "256", "AFINAR_MAX_NEW_TOKENS": "8", "AFINAR_PROBE_FILE": str(probe),
             "AFINAR_PUSH": "1", "AFINAR_REPO_ID": REPO_ID, "AFINAR_TRY_CHAT": "0",
+            # The try-out cell must run without an error; what it answers is test_colab_runtime's business, and
+            # its default of 300 streamed tokens was the slowest cell of this run.
+            "AFINAR_TRY_MAX_NEW_TOKENS": "8",
             "HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1",
             "HF_HOME": str(work / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
         })
@@ -168,6 +174,8 @@ def test_every_cell_runs_and_the_pipeline_completes(executed):
     assert set(manifest["stages"]) == {"load", "train", "export"}
     assert all(stage["status"] == "done" for stage in manifest["stages"].values())
     assert manifest["settings"]["max_steps"] == 2 and manifest["settings"]["max_seq_length"] == 256
+    assert Path(manifest["probe_file"]).name == "sonda.json"  # PROBE_FILE reached 02 as --probe-file
+    assert json.loads((out / "contraste" / "contraste.json").read_text(encoding="utf-8"))["probe"]["pairs"] == 2
     assert manifest["stages"]["train"]["metrics"]["global_step"] == 2
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert "<table" in (out / "contraste" / "informe.html").read_text(encoding="utf-8")

@@ -1,17 +1,18 @@
 """Each numbered script, pasted whole into a notebook cell, runs in a real Jupyter kernel.
 
 The kernel's sys.argv holds its own flags (`-f kernel-….json`), which the scripts must ignore. The cells run
-in a temporary "repository root" (the scripts and afinar/ linked, smaller data files copied under the default
-names) so that the defaults (`salida/`, `tu_dataset.json`, `preguntas_contraste.json`) resolve as they would
-in the real one, without touching it. Stage 02 really runs pasted with its defaults; 03 and 04 are pasted
-before their turn (their Spanish "missing stage" error shows the kernel flags were ignored) and then pasted
-with the last line changed to `main([...])`, as a user does to pass options from a notebook.
+in a temporary "repository root" (the scripts linked, afinar/ and smaller data files copied under the default
+names) so that the defaults (`salida/`, `tu_dataset.json`, `preguntas_contraste.json`, `sondas_errores.json`)
+resolve as they would in the real one, without touching it. Stage 02 really runs pasted with its defaults; 03
+and 04 are pasted before their turn (their Spanish "missing stage" error shows the kernel flags were ignored)
+and then pasted with the last line changed to `main([...])`, as a user does to pass options from a notebook.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -33,10 +34,15 @@ def pasted(script: str, main_args: list[str] | None = None) -> str:
 
 
 def make_repo_root(root) -> None:
-    for name in (*SCRIPTS, "afinar"):
+    for name in SCRIPTS:
         (root / name).symlink_to(ROOT / name)
+    # A copy, not a link: 02 looks for the default probe file next to the package (resolving links), so the
+    # smaller probe below is found as the project's own, as the other data files are under their default names.
+    shutil.copytree(ROOT / "afinar", root / "afinar", ignore=shutil.ignore_patterns("__pycache__"))
     questions = json.loads((ROOT / "preguntas_contraste.json").read_text(encoding="utf-8"))[:1]
     (root / "preguntas_contraste.json").write_text(json.dumps(questions, ensure_ascii=False), encoding="utf-8")
+    probe = json.loads((ROOT / "sondas_errores.json").read_text(encoding="utf-8"))[:2]
+    (root / "sondas_errores.json").write_text(json.dumps(probe, ensure_ascii=False), encoding="utf-8")
     entries = json.loads((ROOT / "tu_dataset.json").read_text(encoding="utf-8"))[:24]
     (root / "tu_dataset.json").write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
 
@@ -47,7 +53,8 @@ CELLS = {
     "04_first": pasted("04_inference_and_export.py"),
     "02": pasted("02_load_model.py"),
     "04_before_03": pasted("04_inference_and_export.py"),
-    "03": pasted("03_train_model.py", ["--max-steps", "1", "--batch-size", "2", "--logging-steps", "1"]),
+    "03": pasted("03_train_model.py", ["--max-steps", "1", "--batch-size", "2", "--logging-steps", "1",
+                                       "--max-seq-length", "128"]),
     "04": pasted("04_inference_and_export.py", ["--no-merge"]),
 }
 EXPECTED_TO_FAIL = {"03_first", "04_first", "04_before_03"}
@@ -120,6 +127,7 @@ def test_pasted_02_runs_with_its_defaults_in_the_repo_root(kernel_run):
     assert manifest["generation"]["repetition_penalty"] == DEFAULT_REPETITION_PENALTY
     assert manifest["settings"]["lora_alpha"] == lora_alpha_for(16, manifest["device"]["kind"])
     assert manifest["questions_file"] == str((root / "preguntas_contraste.json").resolve())
+    assert manifest["probe_file"] == str((root / "sondas_errores.json").resolve())  # next to the scripts
     assert manifest["settings"]["lora_r"] == 16
     answers = (root / "salida" / "contraste" / "antes.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(answers) == 1

@@ -340,7 +340,7 @@ def test_fake_server_output_trains_in_03(tmp_path, stage02_dir):
     assert summary["kept"] == 11
     out = copy_output(stage02_dir, tmp_path / "salida")
     proc = run_script("03_train_model.py", "--output-dir", str(out), "--dataset", str(tmp_path / "out.json"),
-                      "--max-steps", "1", "--preference", "none")
+                      "--max-steps", "1", "--preference", "none", "--batch-size", "1", "--max-seq-length", "256")
     assert (out / "adapter" / "adapter_model.safetensors").exists(), proc.stdout[-2000:]
     train = json.loads((out / "run.json").read_text(encoding="utf-8"))["stages"]["train"]
     assert train["status"] == "done" and train["dataset"] == str(tmp_path / "out.json")

@@ -38,7 +38,7 @@ def test_sigkill_then_resume_finishes_the_planned_steps(stage02_dir, tmp_path):
     out = copy_output(stage02_dir, tmp_path / "salida")
     planned, every = 6, 2
     train_args = ("03_train_model.py", "--output-dir", str(out), "--preference", "none", "--max-steps", str(planned),
-                  "--batch-size", "1",
+                  "--batch-size", "1", "--max-seq-length", "128",
                   "--save-steps", str(every), "--logging-steps", "1", "--eval-fraction", "0")
     proc = _popen(*train_args)
     first = out / "checkpoints" / f"checkpoint-{every}"
@@ -67,7 +67,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(stage02_dir, t
     out = copy_output(stage02_dir, tmp_path / "salida")
     # An absurd learning rate blows the LoRA weights up after the first update: the next loss is inf/NaN.
     proc = run_script("03_train_model.py", "--output-dir", str(out), "--preference", "none", "--max-steps", "4",
-                      "--batch-size", "1",
+                      "--batch-size", "1", "--max-seq-length", "128",
                       "--save-steps", "1", "--logging-steps", "1", "--learning-rate", "1e30",
                       "--eval-fraction", "0", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -46,6 +46,7 @@ PARAMS = (
     Param("LORA_R", "--lora-r", ("02",)),
     Param("MAX_SEQ_LENGTH", "--max-seq-length", ("02",), "La etapa 03 hereda el valor de la 02."),
     Param("QUESTIONS", "--questions", ("02",), "La etapa 04 usa las mismas (quedan anotadas en run.json)."),
+    Param("PROBE_FILE", "--probe-file", ("02",), "Con otro tema, escribe tus propios pares en el mismo formato."),
     Param("MAX_NEW_TOKENS", "--max-new-tokens", ("02",), "La etapa 04 usa el mismo límite para comparar."),
     Param("DATASET", "--dataset", ("03",)),
     Param("MAX_STEPS", "--max-steps", ("03",)),
