@@ -102,7 +102,8 @@ def run_anchor(steps: int, warmup: int, batch: int) -> dict:
             "tok_s": clock.rate(warmup)}
 
 
-def run_project(steps: int, warmup: int, precision_flag: str = "auto", project_entries: int = 40) -> dict:
+def run_project(steps: int, warmup: int, precision_flag: str = "auto", project_entries: int = 40,
+                lora_layers: int | None = None) -> dict:
     import tempfile
 
     from afinar import frozen_prefix, modeling, settings
@@ -116,6 +117,8 @@ def run_project(steps: int, warmup: int, precision_flag: str = "auto", project_e
     resolved.update({key: settings.default(key, "cpu") for key in settings.LOAD_KEYS if key in settings.DEFAULTS})
     resolved.update(model="smollm2", base_path=base_path, backend="hf", load_in_4bit=False,
                     max_steps=steps, save_steps=10_000, logging_steps=1000)
+    if lora_layers:
+        resolved["lora_layers"] = lora_layers  # 02 --lora-layers N
     precision = precision_for(device, precision_flag)
     model, tokenizer = modeling.build(resolved, device, precision)
     prefix = frozen_prefix.attach(model)  # as stage 03 does on a CPU
@@ -162,6 +165,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--only", choices=["anchor", "project"])
     parser.add_argument("--precision", default="auto", help="precisión de nuestra ruta (como --precision de 02)")
+    parser.add_argument("--lora-layers", type=int, default=None, help="como 02 --lora-layers (por defecto: todas)")
     parser.add_argument("--project-entries", type=int, default=40,
                         help="entradas que nuestra ruta recorre en bucle (0: entradas nuevas en cada paso)")
     args = parser.parse_args()
@@ -169,7 +173,8 @@ def main() -> None:
         print("RESULT " + json.dumps(run_anchor(args.steps, args.warmup, args.batch)), flush=True)
         return
     if args.only == "project":
-        print("RESULT " + json.dumps(run_project(args.steps, args.warmup, args.precision, args.project_entries)),
+        print("RESULT " + json.dumps(run_project(args.steps, args.warmup, args.precision, args.project_entries,
+                                                        args.lora_layers)),
               flush=True)
         return
 
@@ -179,7 +184,8 @@ def main() -> None:
                "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run([sys.executable, __file__, "--only", only, "--steps", str(args.steps),
                                "--warmup", str(args.warmup), "--batch", str(args.batch),
-                               "--precision", args.precision, "--project-entries", str(args.project_entries)],
+                               "--precision", args.precision, "--project-entries", str(args.project_entries),
+                               *(["--lora-layers", str(args.lora_layers)] if args.lora_layers else [])],
                               env=env, capture_output=True, text=True)
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not line:
@@ -194,7 +200,11 @@ def main() -> None:
     print(f"\nproporción afinar / anchor: {ratio:.2f}x  (objetivo ≥ 2x)")
     # One file per kind of processor (the AVX2 and the AMX rows of BENCHMARKS.md), and the latest of any.
     isa = _cpu_isa().split()[0] if not os.environ.get("ATEN_CPU_CAPABILITY") else os.environ["ATEN_CPU_CAPABILITY"]
-    for out in (ROOT / "bench" / "results" / "cpu_latest.json", ROOT / "bench" / "results" / f"cpu_{isa}.json"):
+    suffix = f"_top{args.lora_layers}" if args.lora_layers else ""
+    targets = [ROOT / "bench" / "results" / f"cpu_{isa}{suffix}.json"]
+    if not suffix:
+        targets.append(ROOT / "bench" / "results" / "cpu_latest.json")
+    for out in targets:
         out.write_text(json.dumps({"device": "cpu", "cores": os.cpu_count(),
                                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                    "steps": args.steps, "warmup": args.warmup, "anchor": anchor, "project": ours,
