@@ -372,7 +372,10 @@ def test_ctrl_c_exits_130_and_answers_in_flight_are_still_cached(tmp_path):
             [sys.executable, "00_destilar.py", "--topics", str(topics), "--teacher-url", fake.url, "--teacher-model",
              "fake", "--output", str(tmp_path / "c.json"), "--concurrency", "3", "--timeout", "30",
              "--essays-per-topic", "0", "--answers-per-topic", "4", "--misconceptions-per-topic", "0"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            # pytest-xdist's workers ignore SIGINT and a child inherits that: give it back the terminal's default,
+            # so Python turns Ctrl+C into KeyboardInterrupt as it does for a user.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 60
         while fake.count < 4 and time.time() < deadline:
             time.sleep(0.05)
