@@ -367,7 +367,8 @@ def test_answer_object_is_spanish_and_of_the_right_length():
 
 def test_ctrl_c_exits_130_and_answers_in_flight_are_still_cached(tmp_path):
     topics = _topics(tmp_path, "fase luminosa")
-    with FakeTeacher(["good", "slow", "slow", "slow"], slow_s=2) as fake:
+    # Slow answers of 5 s: Ctrl+C must land while they are in flight, even on a loaded machine.
+    with FakeTeacher(["good", "slow", "slow", "slow"], slow_s=5) as fake:
         proc = subprocess.Popen(
             [sys.executable, "00_destilar.py", "--topics", str(topics), "--teacher-url", fake.url, "--teacher-model",
              "fake", "--output", str(tmp_path / "c.json"), "--concurrency", "3", "--timeout", "30",
