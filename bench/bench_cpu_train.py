@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the parent process reads afinar.environment too, not only the two children
 ANCHOR_TRL = "1.16.0"
 
 
