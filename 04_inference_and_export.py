@@ -9,8 +9,8 @@ Uso:
 El token del Hub se lee de HF_TOKEN o de los secretos de Colab; nunca se imprime ni se guarda.
 """
 
-from afinar import cli
-from afinar.errors import main_guard
+from afinar.core import cli
+from afinar.core.errors import main_guard
 
 
 def parse_args(argv=None):
@@ -50,7 +50,7 @@ def parse_args(argv=None):
 
 @main_guard
 def main(argv=None):
-    from afinar import stage_export
+    from afinar.stages import stage_export
 
     args = parse_args(argv)
     result = stage_export.run(args)

@@ -3,8 +3,8 @@
 Anchor: TRL's SFTTrainer as a user would write it (SmolLM2-135M, LoRA r=16 on the 7 projections, fp32,
 padded batch 4, prompt-completion data with completion-only loss). TRL 1.15.0, which the project pins for
 Unsloth, cannot train on CPU, so the anchor runs TRL 1.16.0 from a private folder (installed on demand).
-Ours: afinar.training.train with the project's CPU defaults, as stage 03 runs it (LoRA on the top layers
-with the frozen layers below stored per row, afinar.frozen_prefix). Same seed and number of steps; real
+Ours: afinar.train.training.train with the project's CPU defaults, as stage 03 runs it (LoRA on the top layers
+with the frozen layers below stored per row, afinar.train.frozen_prefix). Same seed and number of steps; real
 (non-pad) tokens per second after warm-up steps.
 
 The demo trains several epochs over the same rows, and the stored prefix only pays from the second visit of a
@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the parent process reads afinar.environment too, not only the two children
+sys.path.insert(0, str(ROOT))  # the parent process reads afinar.core.environment too, not only the two children
 ANCHOR_TRL = "1.16.0"
 
 
@@ -74,9 +74,9 @@ def run_anchor(steps: int, warmup: int, batch: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from afinar import embedded, prompts
-    from afinar.environment import cpu_has_fast_bf16
-    from afinar.settings import LORA_TARGET_MODULES
+    from afinar.core import embedded, prompts
+    from afinar.core.environment import cpu_has_fast_bf16
+    from afinar.core.settings import LORA_TARGET_MODULES
 
     path = embedded.ensure_checkpoint(verbose=False)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -113,10 +113,11 @@ def run_project(steps: int, warmup: int, precision_flag: str = "auto", project_e
                 lora_layers: int | None = None) -> dict:
     import tempfile
 
-    from afinar import frozen_prefix, modeling, settings
-    from afinar.environment import detect_device, precision_for
-    from afinar.layout import OutputLayout
-    from afinar import training
+    from afinar.train import frozen_prefix, modeling
+    from afinar.core import settings
+    from afinar.core.environment import detect_device, precision_for
+    from afinar.core.layout import OutputLayout
+    from afinar.train import training
 
     device = detect_device()
     resolved = {key: settings.default(key, "cpu") for key in settings.TRAIN_KEYS}
@@ -158,7 +159,7 @@ def run_project(steps: int, warmup: int, precision_flag: str = "auto", project_e
 
 def _cpu_isa() -> str:
     """What the machine computes with: AMX / AVX-512 BF16 (native bf16) or AVX2 only."""
-    from afinar.environment import cpu_has_fast_bf16
+    from afinar.core.environment import cpu_has_fast_bf16
 
     flags = open("/proc/cpuinfo", encoding="utf-8").read()
     isa = "amx" if " amx_bf16" in flags else "avx512" if " avx512f" in flags else "avx2" if " avx2" in flags else "other"

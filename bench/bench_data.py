@@ -69,8 +69,8 @@ def generate(path: Path, count: int, fmt: str, seed: int) -> None:
 
 
 def measure(path: Path) -> None:
-    from afinar import data_clean
-    from afinar.data_check import read_dataset
+    from afinar.data import data_clean
+    from afinar.data.data_check import read_dataset
 
     bare = _rss_mb()
     # Fixed costs, paid once whatever the data size: datasketch (imports scipy) and the langid model.

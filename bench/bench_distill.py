@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from afinar import distill, teacher  # noqa: E402
+from afinar.data import distill, teacher  # noqa: E402
 
 TOPICS = ["fase luminosa", "ciclo de Calvin", "estomas", "clorofila", "fotorrespiración", "plantas C4",
           "plantas CAM", "fotosistema II", "cadena de transporte de electrones", "ATP sintasa", "rubisco",

@@ -59,9 +59,9 @@ def main() -> None:
     started = time.perf_counter()
     import torch
 
-    from afinar.embedded import ensure_checkpoint
-    from afinar.gguf_export import export_gguf
-    from afinar.merge import merge_adapter
+    from afinar.core.embedded import ensure_checkpoint
+    from afinar.export.gguf_export import export_gguf
+    from afinar.export.merge import merge_adapter
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,8 +103,8 @@ def bench_llama_1b(types: tuple[str, ...], threads: int | None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from afinar.embedded import ensure_checkpoint
-    from afinar.gguf_export import export_gguf
+    from afinar.core.embedded import ensure_checkpoint
+    from afinar.export.gguf_export import export_gguf
 
     if threads:
         torch.set_num_threads(threads)

@@ -1,4 +1,4 @@
-"""Benchmark of the contrast-test generation (afinar.generation / afinar.decoding) against plain transformers.
+"""Benchmark of the contrast-test generation (afinar.evaluate.generation / afinar.evaluate.decoding) against plain transformers.
 
     python bench/bench_generation.py                                   # embedded model, CPU: batched vs sequential
     python bench/bench_generation.py --device cpu --max-new-tokens 64 --repeats 2
@@ -74,7 +74,7 @@ def load(model_name: str, device, dtype_name: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from afinar.embedded import ensure_checkpoint
+    from afinar.core.embedded import ensure_checkpoint
 
     path = str(ensure_checkpoint()) if model_name == EMBEDDED_ALIAS else model_name
     if dtype_name == "auto":
@@ -93,7 +93,7 @@ def synchronize(device) -> None:
 
 def ours(model, tokenizer, questions, max_new_tokens: int, batch_size: int, mode: str = "auto"):
     """Our path as 02/04 call it; (rows, seconds, generated tokens)."""
-    from afinar.generation import generate_answers
+    from afinar.evaluate.generation import generate_answers
 
     os.environ["AFINAR_DECODE"] = mode
     try:
@@ -112,9 +112,9 @@ def anchor(model, tokenizer, questions, max_new_tokens: int, batch_size: int, st
     """Plain `model.generate` on the same left-padded batches and settings; (token lists, seconds, tokens)."""
     import torch
 
-    from afinar.generation import _generate_options, chat_prompt_ids, left_padded_batch, split_generated
-    from afinar.prompts import ensure_pad_token, question_messages
-    from afinar.questions import question_text
+    from afinar.evaluate.generation import _generate_options, chat_prompt_ids, left_padded_batch, split_generated
+    from afinar.core.prompts import ensure_pad_token, question_messages
+    from afinar.evaluate.questions import question_text
 
     ensure_pad_token(tokenizer)
     prompts = [chat_prompt_ids(tokenizer, question_messages(question_text(q))) for q in questions]
@@ -149,7 +149,7 @@ def main(argv=None) -> None:
         return suite(args)
     import torch
 
-    from afinar.questions import load_questions
+    from afinar.evaluate.questions import load_questions
 
     questions = [q["pregunta"] for q in load_questions(args.questions)][: args.limit]
     device = resolve_device(args.device)
@@ -182,7 +182,7 @@ def main(argv=None) -> None:
 def suite(args) -> None:
     import torch
 
-    from afinar.questions import load_questions
+    from afinar.evaluate.questions import load_questions
 
     out_dir = Path(args.out or ROOT / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -253,7 +253,7 @@ def suite(args) -> None:
         note("identical_answers", f"{sum(same_text)}/{n}")
         note("first_difference_chars", [_first_difference(r["text"], tokenizer.decode(ids, skip_special_tokens=True)
                                                           .strip()) for r, ids in zip(ours_rows, reference)])
-        from afinar.decoding import _broken
+        from afinar.evaluate.decoding import _broken
 
         note("fast_path_failures", dict(_broken))
 
@@ -317,7 +317,7 @@ def _cpu_model():
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     try:
-        from afinar.embedded import ensure_checkpoint
+        from afinar.core.embedded import ensure_checkpoint
 
         path = ensure_checkpoint(verbose=False)
         from transformers import AutoModelForCausalLM

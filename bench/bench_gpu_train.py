@@ -1,7 +1,7 @@
 """GPU training speed of our 03 training path, on the same data as the anchors of ../shared/gpu/anchor_bench.py.
 
 One configuration per process (Unsloth patches transformers globally). It builds the model and trains through
-the functions 03_train_model.py calls (afinar.engine.plan, modeling.build, engine.compile_layers_,
+the functions 03_train_model.py calls (afinar.train.engine.plan, modeling.build, engine.compile_layers_,
 training.train) and prints one RESULT line: real (non-pad) tokens/s after warm-up steps and peak GiB, like
 the anchor script, so bench/run_gpu.sh can print them side by side with the anchors of the same call.
 
@@ -35,9 +35,10 @@ import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from afinar import engine, modeling, settings, training  # noqa: E402
-from afinar.environment import detect_device  # noqa: E402
-from afinar.layout import OutputLayout  # noqa: E402
+from afinar.train import engine, modeling, training
+from afinar.core import settings  # noqa: E402
+from afinar.core.environment import detect_device  # noqa: E402
+from afinar.core.layout import OutputLayout  # noqa: E402
 
 MODEL_DIR = os.environ.get("MODEL_DIR", "/tmp/llama32_1b_shape")
 N_EX, WARM, STEPS = int(os.environ.get("N_EX", 2400)), int(os.environ.get("WARM", 5)), int(os.environ.get("STEPS", 30))
@@ -133,7 +134,7 @@ def main() -> None:
     t0 = time.time()
     model, tokenizer = modeling.build(resolved, device, precision, plan=plan)
     data = entries(tokenizer)
-    from afinar.stage_train import probe_rows
+    from afinar.stages.stage_train import probe_rows
 
     engine.prepare_model_(model, plan, probe_rows(data, tokenizer, MAX_LEN))
     print("plan:", plan.reasons, flush=True)

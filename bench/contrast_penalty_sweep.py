@@ -8,11 +8,11 @@ Spanish share. It reuses the adapter; nothing in the folder is written.
 import json, os, sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from afinar import modeling
-from afinar.environment import detect_device
-from afinar.generation import generate_answers
-from afinar.questions import load_questions
-from afinar.contrast import answer_metrics
+from afinar.train import modeling
+from afinar.core.environment import detect_device
+from afinar.evaluate.generation import generate_answers
+from afinar.evaluate.questions import load_questions
+from afinar.evaluate.contrast import answer_metrics
 RUN = os.environ.get("RUN", "/tmp/d4")
 m = json.load(open(Path(RUN) / "run.json"))
 s = m["settings"]

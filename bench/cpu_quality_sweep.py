@@ -1,10 +1,10 @@
 """What the CPU demo learns under several settings, in one process: held-out perplexity and the misconception probe.
 
 The model is loaded once, the data prepared once (as stage 03 does), the base model's perplexity and probe
-measured once; then each configuration gets a fresh adapter, the SFT of `afinar.training.train` and the DPO of
-`afinar.preference`, and is scored like stage 04 scores it (no generation: EOS, Spanish and repetition need the
+measured once; then each configuration gets a fresh adapter, the SFT of `afinar.train.training.train` and the DPO of
+`afinar.train.preference`, and is scored like stage 04 scores it (no generation: EOS, Spanish and repetition need the
 real 04, run on the winner). Configurations with the same --lora-layers share the stored frozen prefix
-(afinar.frozen_prefix), so only the first pays for the layers below the adapter; its seconds say so.
+(afinar.train.frozen_prefix), so only the first pays for the layers below the adapter; its seconds say so.
 
     python bench/cpu_quality_sweep.py --out /tmp/quality.json \\
         "k4:K=4" "k4_lr3:K=4,lr=3e-3" "k8_e2:K=8,epochs=2,pe=3"
@@ -48,12 +48,14 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from afinar import embedded, frozen_prefix, modeling, preference, probe
-    from afinar.data import prepare
-    from afinar.layout import OutputLayout
-    from afinar.perplexity import perplexity
-    from afinar.prompts import ensure_pad_token
-    from afinar.training import train
+    from afinar.core import embedded
+    from afinar.train import frozen_prefix, modeling, preference
+    from afinar.evaluate import probe
+    from afinar.data.pipeline import prepare
+    from afinar.core.layout import OutputLayout
+    from afinar.evaluate.perplexity import perplexity
+    from afinar.core.prompts import ensure_pad_token
+    from afinar.train.training import train
 
     path = str(embedded.checkpoint_dir())
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -25,7 +25,7 @@ def _model():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from afinar import embedded
+    from afinar.core import embedded
 
     return AutoModelForCausalLM.from_pretrained(str(embedded.ensure_checkpoint(verbose=False)), dtype=torch.float32)
 
@@ -33,7 +33,7 @@ def _model():
 def _lora(model, top: int | None):
     from peft import LoraConfig, get_peft_model
 
-    from afinar.settings import LORA_TARGET_MODULES
+    from afinar.core.settings import LORA_TARGET_MODULES
 
     total = model.config.num_hidden_layers
     layers = None if top is None else list(range(total - top, total))
@@ -52,7 +52,7 @@ def _batch():
 
 
 def _step(model, batch, row_lengths=None) -> float:
-    from afinar.training import response_only_loss
+    from afinar.train.training import response_only_loss
 
     started = time.perf_counter()
     response_only_loss(model, batch, row_lengths=row_lengths).backward()
@@ -82,7 +82,7 @@ def steps() -> None:
 def cached(top: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    from afinar import frozen_prefix
+    from afinar.train import frozen_prefix
 
     model = _lora(_model(), top).train()
     batch = _batch()
@@ -99,7 +99,7 @@ def int8(top: int) -> None:
     import torch
     import torch.nn as nn
 
-    from afinar.frozen_prefix import _only_layers
+    from afinar.train.frozen_prefix import _only_layers
 
     model = _model().eval()
     start = model.config.num_hidden_layers - top

@@ -1,4 +1,4 @@
-"""Where one decode step spends its time on a GPU, and what each variant of afinar.decoding gains (issue 17).
+"""Where one decode step spends its time on a GPU, and what each variant of afinar.evaluate.decoding gains (issue 17).
 
     python3 .gpu/anchor_bench.py make && python3 bench/decode_lab.py --model /tmp/llama32_1b_shape --out $OUT
 
@@ -43,10 +43,10 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import afinar.decoding as decoding
-    from afinar.generation import _generate_options, chat_prompt_ids, left_padded_batch
-    from afinar.prompts import ensure_pad_token, question_messages
-    from afinar.questions import load_questions, question_text
+    import afinar.evaluate.decoding as decoding
+    from afinar.evaluate.generation import _generate_options, chat_prompt_ids, left_padded_batch
+    from afinar.core.prompts import ensure_pad_token, question_messages
+    from afinar.evaluate.questions import load_questions, question_text
 
     device = torch.device("cuda")
     tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -36,7 +36,7 @@ def run_script(*args: str, env: dict | None = None, timeout: int = 900, check: b
 
 @pytest.fixture(scope="session")
 def embedded_path() -> Path:
-    from afinar import embedded
+    from afinar.core import embedded
 
     return embedded.ensure_checkpoint(verbose=False)
 

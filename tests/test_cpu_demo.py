@@ -6,7 +6,7 @@ import json
 
 from conftest import run_script
 
-from afinar.environment import cpu_has_fast_bf16
+from afinar.core.environment import cpu_has_fast_bf16
 
 
 def test_bf16_detection_obeys_the_isa_caps(tmp_path, monkeypatch):
@@ -31,7 +31,7 @@ def test_lora_on_the_top_layers_only(embedded_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from afinar.modeling import add_lora
+    from afinar.train.modeling import add_lora
 
     model = AutoModelForCausalLM.from_pretrained(embedded_path, dtype=torch.float32)
     total = model.config.num_hidden_layers

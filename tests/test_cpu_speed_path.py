@@ -11,7 +11,7 @@ def _tiny_lora_model(tokenizer, dtype):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from afinar import modeling
+    from afinar.train import modeling
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -24,7 +24,7 @@ def _tiny_lora_model(tokenizer, dtype):
 def tokenizer(embedded_path):
     from transformers import AutoTokenizer
 
-    from afinar.prompts import ensure_pad_token
+    from afinar.core.prompts import ensure_pad_token
 
     tok = AutoTokenizer.from_pretrained(embedded_path)
     ensure_pad_token(tok)
@@ -32,8 +32,8 @@ def tokenizer(embedded_path):
 
 
 def _train(model, tokenizer, tmp_path, precision: str, steps: int = 2) -> list[float]:
-    from afinar import training
-    from afinar.layout import OutputLayout
+    from afinar.train import training
+    from afinar.core.layout import OutputLayout
 
     entries = json.loads(open("tu_dataset.json", encoding="utf-8").read())[:24]
     settings = {"max_seq_length": 256, "learning_rate": 1e-3, "epochs": 1, "max_steps": steps, "batch_size": 2,
@@ -49,8 +49,8 @@ def test_cpu_training_does_not_checkpoint_gradients(tokenizer, tmp_path):
     the engine plan never asks for it, and the Trainer must not turn it on behind the plan's back."""
     import torch
 
-    from afinar import engine
-    from afinar.environment import DeviceInfo
+    from afinar.train import engine
+    from afinar.core.environment import DeviceInfo
 
     cpu = DeviceInfo(kind="cpu", name="cpu", bf16=False, memory_gib=None, capability=None, colab=False)
     assert engine.plan({"batch_size": 4, "packing": True}, cpu).gradient_checkpointing is False

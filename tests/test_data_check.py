@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from afinar import data
-from afinar.data_check import MAX_FIELD_CHARS, MAX_LISTED_PROBLEMS, read_dataset
-from afinar.data_mix import LONG_MIN_WORDS
-from afinar.errors import UserError
+from afinar.data import pipeline as data
+from afinar.data.data_check import MAX_FIELD_CHARS, MAX_LISTED_PROBLEMS, read_dataset
+from afinar.data.data_mix import LONG_MIN_WORDS
+from afinar.core.errors import UserError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 sys.path.insert(0, str(FIXTURES))

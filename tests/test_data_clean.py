@@ -7,15 +7,10 @@ import random
 import sys
 from pathlib import Path
 
-from afinar import data
-from afinar.data_check import read_dataset
-from afinar.data_clean import (
-    NEAR_DUPLICATE_THRESHOLD,
-    clean,
-    find_exact_duplicates,
-    find_near_duplicates,
-    flag_non_spanish,
-    guess_language,
+from afinar.data import pipeline as data
+from afinar.data.data_check import read_dataset
+from afinar.data.data_clean import (
+    NEAR_DUPLICATE_THRESHOLD, clean, find_exact_duplicates, find_near_duplicates, flag_non_spanish, guess_language,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"

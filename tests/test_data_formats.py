@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from afinar import data_clean, prompts
-from afinar.data_check import read_dataset
-from afinar.errors import UserError
+from afinar.data import data_clean
+from afinar.core import prompts
+from afinar.data.data_check import read_dataset
+from afinar.core.errors import UserError
 from conftest import ROOT, run_script
 
 SHAREGPT_MULTI = {"conversations": [
@@ -137,7 +138,7 @@ def test_loss_falls_on_every_assistant_turn_and_only_there(embedded_path):
 
 
 def read_dataset_entry(record):
-    from afinar.data_check import CheckStats, Problems, validate_record
+    from afinar.data.data_check import CheckStats, Problems, validate_record
 
     problems = Problems("prueba")
     entry = validate_record(record, "entrada 1", problems, CheckStats())

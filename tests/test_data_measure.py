@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from afinar import data, embedded
-from afinar.data_measure import describe, token_lengths, token_summary
-from afinar.data_mix import is_long, long_flags, worst_window_deviation
-from afinar.layout import OutputLayout
-from afinar.prompts import IGNORE_INDEX, tokenize_example
+from afinar.data import pipeline as data
+from afinar.core import embedded
+from afinar.data.data_measure import describe, token_lengths, token_summary
+from afinar.data.data_mix import is_long, long_flags, worst_window_deviation
+from afinar.core.layout import OutputLayout
+from afinar.core.prompts import IGNORE_INDEX, tokenize_example
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 from synthetic_entries import entries as synthetic_entries  # noqa: E402

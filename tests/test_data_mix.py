@@ -8,19 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from afinar.data_mix import (
-    LONG_MIN_WORDS,
-    MAX_REPEATS,
-    hold_out,
-    interleave,
-    is_long,
-    long_flags,
-    pack_sequential,
-    packing_mix,
-    window_deviations,
-    worst_window_deviation,
+from afinar.data.data_mix import (
+    LONG_MIN_WORDS, MAX_REPEATS, hold_out, interleave, is_long, long_flags, pack_sequential, packing_mix,
+    window_deviations, worst_window_deviation,
 )
-from afinar.errors import UserError
+from afinar.core.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 from synthetic_entries import entries as synthetic_entries  # noqa: E402

@@ -1,4 +1,4 @@
-"""The fast greedy loop (afinar.decoding) gives exactly model.generate's tokens: real embedded model, fp32, CPU.
+"""The fast greedy loop (afinar.evaluate.decoding) gives exactly model.generate's tokens: real embedded model, fp32, CPU.
 
 The batch has prompts of different lengths (left padding), the repetition penalty on, and rows that stop on EOS
 at different steps while others run to the limit, so the penalty, the padding and the stop are all exercised.
@@ -8,16 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import afinar.decoding as decoding
-from afinar.embedded import ensure_checkpoint
-from afinar.generation import (
-    _generate_options,
-    chat_prompt_ids,
-    generate_answers,
-    left_padded_batch,
-    reference_generate,
+import afinar.evaluate.decoding as decoding
+from afinar.core.embedded import ensure_checkpoint
+from afinar.evaluate.generation import (
+    _generate_options, chat_prompt_ids, generate_answers, left_padded_batch, reference_generate,
 )
-from afinar.prompts import ensure_pad_token, question_messages
+from afinar.core.prompts import ensure_pad_token, question_messages
 
 QUESTIONS = [
     "Explica la diferencia entre ADN y ARN en una frase.",
@@ -133,7 +129,7 @@ def test_generate_answers_uses_the_fast_loop(model_and_tokenizer, monkeypatch):
 
 
 def test_a_failing_fast_loop_falls_back_to_generate(model_and_tokenizer, monkeypatch, capsys):
-    import afinar.generation as generation
+    import afinar.evaluate.generation as generation
 
     model, tokenizer = model_and_tokenizer
     expected = generate_answers(model, tokenizer, QUESTIONS[:2], max_new_tokens=4, batch_size=2, seed=0)

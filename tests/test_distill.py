@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from afinar import distill, teacher
-from afinar.data_check import read_dataset
-from afinar.data_mix import LONG_MIN_WORDS, word_count
-from afinar.errors import UserError
+from afinar.data import distill, teacher
+from afinar.data.data_check import read_dataset
+from afinar.data.data_mix import LONG_MIN_WORDS, word_count
+from afinar.core.errors import UserError
 from conftest import ROOT, copy_output, run_script
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -306,8 +306,8 @@ def test_embedded_model_as_teacher_end_to_end(tmp_path, embedded_path):
 
 @pytest.mark.slow
 def test_base_model_filter_keeps_only_misconceptions_it_fails(tmp_path, embedded_path):
-    from afinar import probe
-    from afinar.teacher import LocalTeacher
+    from afinar.evaluate import probe
+    from afinar.data.teacher import LocalTeacher
 
     base = LocalTeacher("smollm2-135m")
     scored: list[dict] = []
@@ -355,7 +355,7 @@ def test_fake_server_output_trains_in_03(tmp_path, stage02_dir):
 
 def test_answer_object_is_spanish_and_of_the_right_length():
     """The fake server's own answers must pass, or the tests above would test the fake, not the code."""
-    from afinar.data_clean import guess_language
+    from afinar.data.data_clean import guess_language
 
     for kind, marker in (("essay", "ensayo"), ("short", "pregunta concreta"), ("misconception", "error típico")):
         obj = answer_object(f"Tema: x\n\n{marker}", "good")
@@ -426,7 +426,7 @@ def test_readme_distillation_commands_use_real_flags():
     """Every 00_destilar.py command in the README parses with the script's own options."""
     import shlex
 
-    from afinar import distill_cli
+    from afinar.stages import distill_cli
 
     text = (ROOT / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
     commands = [line.strip() for line in text.splitlines() if line.strip().startswith("python3 00_destilar.py")]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from afinar.layout import OutputLayout
+from afinar.core.layout import OutputLayout
 from conftest import copy_output, run_script
 
 STEPS = 3
@@ -59,7 +59,7 @@ def _assert_same_adapter(got: dict, expected: dict) -> None:
 
 
 def test_rank_helpers_read_the_launcher_variables(monkeypatch):
-    from afinar import distributed
+    from afinar.core import distributed
 
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
@@ -76,8 +76,8 @@ def test_rank_helpers_read_the_launcher_variables(monkeypatch):
 
 
 def test_unsloth_backend_is_refused_under_several_processes(monkeypatch):
-    from afinar.errors import UserError
-    from afinar.stage_train import _refuse_unsloth_across_processes
+    from afinar.core.errors import UserError
+    from afinar.stages.stage_train import _refuse_unsloth_across_processes
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="--backend hf"):

@@ -7,11 +7,11 @@ import random
 
 import pytest
 
-from afinar import engine
-from afinar.environment import DeviceInfo
-from afinar.errors import UserError
-from afinar.packing import Collator, pack_in_order
-from afinar.prompts import IGNORE_INDEX
+from afinar.train import engine
+from afinar.core.environment import DeviceInfo
+from afinar.core.errors import UserError
+from afinar.train.packing import Collator, pack_in_order
+from afinar.core.prompts import IGNORE_INDEX
 
 CPU = DeviceInfo(kind="cpu", name="x86", bf16=False, memory_gib=None, capability=None, colab=False)
 T4 = DeviceInfo(kind="cuda", name="Tesla T4", bf16=False, memory_gib=14.7, capability="7.5", colab=True)
@@ -151,9 +151,9 @@ def test_compiled_layers_train_the_same_losses_as_eager(tmp_path, embedded_path)
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from afinar import modeling, training
-    from afinar.layout import OutputLayout
-    from afinar.prompts import ensure_pad_token
+    from afinar.train import modeling, training
+    from afinar.core.layout import OutputLayout
+    from afinar.core.prompts import ensure_pad_token
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_path)
     ensure_pad_token(tokenizer)
@@ -199,8 +199,8 @@ def _tiny_lora_run(embedded_path, entries: int, max_seq_length: int, steps: int)
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from afinar import modeling
-    from afinar.prompts import ensure_pad_token
+    from afinar.train import modeling
+    from afinar.core.prompts import ensure_pad_token
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_path)
     ensure_pad_token(tokenizer)
@@ -219,8 +219,8 @@ def _tiny_lora_run(embedded_path, entries: int, max_seq_length: int, steps: int)
 def test_a_kernel_the_card_cannot_run_falls_back_on_the_first_step(tmp_path, embedded_path):
     """Issue 16: the compiled plan's first step fails to compile (as flex attention's templates can on a T4);
     the trainer drops to SDPA, then to uncompiled layers, retries the same batch, and trains every step."""
-    from afinar import training
-    from afinar.layout import OutputLayout
+    from afinar.train import training
+    from afinar.core.layout import OutputLayout
 
     model, tokenizer, entries, settings = _tiny_lora_run(embedded_path, entries=12, max_seq_length=256, steps=2)
     for layer in engine.decoder_layers(model):
@@ -254,8 +254,8 @@ def test_a_4bit_model_keeps_its_adapter_in_fp32_through_trl(tmp_path, embedded_p
     scaler then fails on the first step. training.train puts PEFT's fp32 back (the flag is TRL's own test)."""
     import torch
 
-    from afinar import training
-    from afinar.layout import OutputLayout
+    from afinar.train import training
+    from afinar.core.layout import OutputLayout
 
     model, tokenizer, entries, settings = _tiny_lora_run(embedded_path, entries=6, max_seq_length=128, steps=1)
     model.is_loaded_in_4bit = True  # what TRL reads to decide the cast
@@ -271,9 +271,9 @@ def test_the_setup_summary_names_xformers_and_why_it_is_not_needed():
     import subprocess
     import sys
 
-    from afinar import doctor
+    from afinar.core import doctor
 
     if importlib.util.find_spec("xformers") is None:
         assert "no hace falta" in doctor.xformers_status("cuda") and "motor compilado" in doctor.xformers_status("cuda")
-    out = subprocess.run([sys.executable, "-m", "afinar.doctor"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "afinar.core.doctor"], capture_output=True, text=True)
     assert "xformers:" in out.stdout

@@ -6,9 +6,9 @@ import pytest
 
 from conftest import ROOT
 
-from afinar.errors import UserError
-from afinar.layout import OutputLayout
-from afinar.stage_export import _eval_entries
+from afinar.core.errors import UserError
+from afinar.core.layout import OutputLayout
+from afinar.stages.stage_export import _eval_entries
 
 
 def test_eval_file_is_read_and_checked(tmp_path):

@@ -1,4 +1,4 @@
-"""The e4m3 base of the compiled engine (afinar.fp8): its products, its swap, its check and who gets it.
+"""The e4m3 base of the compiled engine (afinar.train.fp8): its products, its swap, its check and who gets it.
 
 torch._scaled_mm runs on CPU too, so the same code that runs on a Hopper GPU is exercised here.
 """
@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from afinar import engine, fp8
-from afinar.environment import DeviceInfo
-from afinar.errors import UserError
+from afinar.train import engine, fp8
+from afinar.core.environment import DeviceInfo
+from afinar.core.errors import UserError
 from conftest import copy_output, run_script
 from test_engine import A100_80, CPU, H200, T4, gpu_settings
 
@@ -45,7 +45,7 @@ def _tiny_lora_model(tokenizer):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from afinar import modeling
+    from afinar.train import modeling
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -57,7 +57,7 @@ def _tiny_lora_model(tokenizer):
 def tokenizer(embedded_path):
     from transformers import AutoTokenizer
 
-    from afinar.prompts import ensure_pad_token
+    from afinar.core.prompts import ensure_pad_token
 
     tok = AutoTokenizer.from_pretrained(embedded_path)
     ensure_pad_token(tok)
@@ -67,7 +67,7 @@ def tokenizer(embedded_path):
 def test_swap_covers_every_lora_projection_and_leaves_the_adapter_file_alone(tokenizer, tmp_path):
     from safetensors.torch import load_file
 
-    from afinar import modeling
+    from afinar.train import modeling
 
     model = _tiny_lora_model(tokenizer)
     originals = [m.base_layer for m in fp8._lora_layers(model)]
@@ -85,8 +85,8 @@ def test_swap_covers_every_lora_projection_and_leaves_the_adapter_file_alone(tok
 
 
 def test_training_on_the_e4m3_base_follows_the_exact_losses(tokenizer, tmp_path):
-    from afinar import training
-    from afinar.layout import OutputLayout
+    from afinar.train import training
+    from afinar.core.layout import OutputLayout
 
     entries = json.loads(open("tu_dataset.json", encoding="utf-8").read())[:30]
     settings = {"max_seq_length": 512, "learning_rate": 1e-3, "epochs": 1, "max_steps": 3, "batch_size": 3,
@@ -109,7 +109,7 @@ def test_training_on_the_e4m3_base_follows_the_exact_losses(tokenizer, tmp_path)
 
 
 def test_the_check_keeps_fp8_when_the_loss_barely_moves_and_drops_it_otherwise(tokenizer, monkeypatch):
-    from afinar.stage_train import probe_rows
+    from afinar.stages.stage_train import probe_rows
 
     entries = json.loads(open("tu_dataset.json", encoding="utf-8").read())[:4]
     rows = probe_rows(entries, tokenizer, 512)
@@ -137,7 +137,7 @@ def test_the_check_keeps_fp8_when_the_loss_barely_moves_and_drops_it_otherwise(t
 def test_a_card_whose_torch_cannot_multiply_in_e4m3_trains_in_bf16(tokenizer, monkeypatch):
     import torch
 
-    from afinar.stage_train import probe_rows
+    from afinar.stages.stage_train import probe_rows
 
     def unsupported(*args, **kwargs):
         raise RuntimeError("Invalid scaling configuration")  # what torch says on a card without row-wise FP8

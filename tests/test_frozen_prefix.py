@@ -1,4 +1,4 @@
-"""The stored frozen prefix (afinar.frozen_prefix): the same loss and LoRA gradients as the full forward, on the
+"""The stored frozen prefix (afinar.train.frozen_prefix): the same loss and LoRA gradients as the full forward, on the
 real embedded model, for packed SFT batches and for the right-padded pairs of the preference phase."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def top_lora_model(embedded_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from afinar.settings import LORA_TARGET_MODULES
+    from afinar.core.settings import LORA_TARGET_MODULES
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(embedded_path, dtype=torch.float32)
@@ -30,7 +30,7 @@ def top_lora_model(embedded_path):
 
 
 def _rows(tokenizer):
-    from afinar.prompts import tokenize_example
+    from afinar.core.prompts import tokenize_example
 
     return [tokenize_example(tokenizer, e, 256) for e in ENTRIES]
 
@@ -53,16 +53,16 @@ def _assert_same(a, b):
 
 
 def test_first_adapted_layer_is_the_lowest_with_lora(top_lora_model):
-    from afinar import frozen_prefix
+    from afinar.train import frozen_prefix
 
     model, _ = top_lora_model
     assert frozen_prefix.first_adapted_layer(model) == model.config.num_hidden_layers - 4
 
 
 def test_packed_sft_loss_and_gradients_match_and_rows_are_reused(top_lora_model):
-    from afinar import frozen_prefix
-    from afinar.packing import Collator, pack_in_order
-    from afinar.training import response_only_loss
+    from afinar.train import frozen_prefix
+    from afinar.train.packing import Collator, pack_in_order
+    from afinar.train.training import response_only_loss
 
     model, tokenizer = top_lora_model
     model.train()
@@ -90,8 +90,8 @@ def test_packed_sft_loss_and_gradients_match_and_rows_are_reused(top_lora_model)
 
 
 def test_preference_logps_match_with_right_padding(top_lora_model):
-    from afinar import frozen_prefix
-    from afinar.logprobs import right_padded, sequence_logps
+    from afinar.train import frozen_prefix
+    from afinar.evaluate.logprobs import right_padded, sequence_logps
 
     model, tokenizer = top_lora_model
     batch = right_padded(_rows(tokenizer), tokenizer.pad_token_id)
@@ -112,7 +112,7 @@ def test_no_prefix_when_every_layer_is_adapted(embedded_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from afinar import frozen_prefix
+    from afinar.train import frozen_prefix
 
     model = AutoModelForCausalLM.from_pretrained(embedded_path, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))

@@ -6,16 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from afinar.embedded import ensure_checkpoint
-from afinar.generation import (
-    chat,
-    chat_prompt_ids,
-    generate_answers,
-    left_padded_batch,
-    split_generated,
-    stop_token_ids,
+from afinar.core.embedded import ensure_checkpoint
+from afinar.evaluate.generation import (
+    chat, chat_prompt_ids, generate_answers, left_padded_batch, split_generated, stop_token_ids,
 )
-from afinar.prompts import SYSTEM_PROMPT, question_messages
+from afinar.core.prompts import SYSTEM_PROMPT, question_messages
 
 # Prompt lengths differ (66 to 77 tokens), so a batch really needs padding. Within 20 new tokens the base model
 # finishes the chromosome answer (16 tokens) and runs into the limit on the others.
@@ -71,7 +66,7 @@ def test_token_limit_means_no_eos(model_and_tokenizer):
 
 @pytest.mark.slow
 def test_out_of_memory_batch_falls_back_to_one_at_a_time(model_and_tokenizer, monkeypatch):
-    import afinar.decoding as decoding
+    import afinar.evaluate.decoding as decoding
 
     model, tokenizer = model_and_tokenizer
     real_loop = decoding.greedy_generate
@@ -148,9 +143,9 @@ def test_chat_streams_tokens_and_keeps_history(model_and_tokenizer):
 
 
 def test_repetition_penalty_reaches_the_decoding_loop_and_is_validated(model_and_tokenizer, monkeypatch):
-    import afinar.decoding as decoding
-    from afinar.errors import UserError
-    from afinar.generation import DEFAULT_REPETITION_PENALTY
+    import afinar.evaluate.decoding as decoding
+    from afinar.core.errors import UserError
+    from afinar.evaluate.generation import DEFAULT_REPETITION_PENALTY
 
     model, tokenizer = model_and_tokenizer
     real_loop = decoding.greedy_generate

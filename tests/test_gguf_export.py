@@ -17,12 +17,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from afinar import gguf_export
-from afinar.embedded import ensure_checkpoint
-from afinar.errors import UserError
-from afinar.merge import compare_logits, compute_logits, merge_adapter, verification_inputs
-from afinar.modelfile import detect_family, ollama_template, write_modelfile
-from afinar.prompts import SYSTEM_PROMPT, messages_for
+from afinar.export import gguf_export
+from afinar.core.embedded import ensure_checkpoint
+from afinar.core.errors import UserError
+from afinar.export.merge import compare_logits, compute_logits, merge_adapter, verification_inputs
+from afinar.export.modelfile import detect_family, ollama_template, write_modelfile
+from afinar.core.prompts import SYSTEM_PROMPT, messages_for
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CHATML = (

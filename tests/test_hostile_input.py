@@ -198,7 +198,7 @@ _FIELDS = [("schema",), ("model",), ("settings",), ("stages",), ("generation",)]
 
 def _invalid_for(field: tuple, value) -> bool:
     """Whether putting `value` at `field` breaks the schema (the fuzzer keeps only those cases)."""
-    from afinar import manifest
+    from afinar.core import manifest
 
     return manifest.schema_problem(_with(field, value)) is not None
 
@@ -207,7 +207,7 @@ def _invalid_for(field: tuple, value) -> bool:
 @given(field=st.sampled_from(_FIELDS), value=_json_values, drop=st.booleans())
 def test_fuzzed_manifest_exits_2_without_traceback(field, value, drop, capsys, tmp_path_factory):
     data = _without(field) if drop else _with(field, value)
-    from afinar import manifest
+    from afinar.core import manifest
 
     if manifest.schema_problem(data) is None:
         return  # still a valid manifest: running 03 would start loading the model
@@ -270,7 +270,7 @@ def test_fuzzed_data_entries_exit_0_or_2_without_traceback(entries, as_lines, ca
 
 
 def _text_ok(value, required: bool) -> bool:
-    """The documented data rules, written independently of afinar.data_check."""
+    """The documented data rules, written independently of afinar.data.data_check."""
     import re
 
     if value is None:

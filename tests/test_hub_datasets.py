@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from afinar import data
-from afinar.errors import UserError
-from afinar.hub_datasets import KNOWN_HUB_SETS, HubSpec, load_hub_entries, parse_hub_spec
+from afinar.data import pipeline as data
+from afinar.core.errors import UserError
+from afinar.data.hub_datasets import KNOWN_HUB_SETS, HubSpec, load_hub_entries, parse_hub_spec
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BERTIN = FIXTURES / "hub_bertin_alpaca_spanish.jsonl"
@@ -110,8 +110,8 @@ def test_offline_from_process_start_goes_through_datasets(tmp_path):
     import subprocess
 
     code = (
-        "from afinar.errors import UserError\n"
-        "from afinar.hub_datasets import load_hub_entries, parse_hub_spec\n"
+        "from afinar.core.errors import UserError\n"
+        "from afinar.data.hub_datasets import load_hub_entries, parse_hub_spec\n"
         "try:\n"
         "    load_hub_entries(parse_hub_spec('saillab/alpaca-spanish-cleaned:50'))\n"
         "except UserError as err:\n"

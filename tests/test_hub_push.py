@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from afinar import hub, manifest
-from afinar.errors import UserError
-from afinar.layout import OutputLayout
-from afinar.model_card import write_model_card
+from afinar.export import hub
+from afinar.core import manifest
+from afinar.core.errors import UserError
+from afinar.core.layout import OutputLayout
+from afinar.export.model_card import write_model_card
 from fake_hub import FakeHub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -31,9 +32,10 @@ REPO_ID = "ana/asistente-bio"
 DRIVER = r"""
 import argparse, json
 from pathlib import Path
-from afinar import hub, manifest
-from afinar.errors import main_guard
-from afinar.layout import OutputLayout
+from afinar.core import manifest
+from afinar.export import hub
+from afinar.core.errors import main_guard
+from afinar.core.layout import OutputLayout
 
 @main_guard
 def main():
@@ -58,7 +60,7 @@ main()
 
 
 def _manifest() -> dict:
-    # Every field the run.json schema requires (afinar.manifest), as stage 02 writes them.
+    # Every field the run.json schema requires (afinar.core.manifest), as stage 02 writes them.
     base = {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "base_path": "/no/usado", "backend": "hf",
             "load_in_4bit": False}
     done = {"status": "done", "finished_at": "2026-01-01T00:00:00+00:00"}

@@ -23,7 +23,7 @@ import gguf
 import numpy as np
 import pytest
 
-from afinar import gguf_export, kquants
+from afinar.export import gguf_export, kquants
 
 FIXTURE = Path(__file__).parent / "fixtures" / "kquants_reference.json"
 REFERENCE = json.loads(FIXTURE.read_text())
@@ -176,8 +176,8 @@ def test_unknown_gguf_type_stops_stage_04_before_any_heavy_work(tmp_path):
     import subprocess
     import sys
 
-    from afinar import manifest
-    from afinar.layout import OutputLayout
+    from afinar.core import manifest
+    from afinar.core.layout import OutputLayout
 
     layout = OutputLayout.at(tmp_path / "salida")
     layout.root.mkdir(parents=True)
@@ -194,8 +194,8 @@ def test_unknown_gguf_type_stops_stage_04_before_any_heavy_work(tmp_path):
 
 
 def test_gguf_option_values():
-    from afinar.errors import UserError
-    from afinar.stage_export import _gguf_formats
+    from afinar.core.errors import UserError
+    from afinar.stages.stage_export import _gguf_formats
 
     assert _gguf_formats("Q4_K_M, q8_0") == ["q4_k_m", "q8_0"]
     assert _gguf_formats("none") == []
@@ -204,8 +204,8 @@ def test_gguf_option_values():
 
 
 def test_modelfile_and_model_card_name_the_type(tmp_path):
-    from afinar.model_card import render_model_card
-    from afinar.modelfile import modelfile_text
+    from afinar.export.model_card import render_model_card
+    from afinar.export.modelfile import modelfile_text
 
     text = modelfile_text("./model-q4_k_m.gguf", "chatml", gguf_type=gguf_export.TYPE_DESCRIPTIONS["q4_k_m"])
     assert text.startswith("FROM ./model-q4_k_m.gguf\n# Tipo GGUF: Q4_K_M: ")

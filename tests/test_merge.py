@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from afinar import merge
-from afinar.embedded import ensure_checkpoint
-from afinar.errors import UserError
+from afinar.export import merge
+from afinar.core.embedded import ensure_checkpoint
+from afinar.core.errors import UserError
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -10,10 +10,10 @@ import pytest
 
 from conftest import ROOT, run_script
 
-from afinar import facts, probe
-from afinar.contrast import build_contrast, criteria
-from afinar.questions import load_questions
-from afinar.report import markdown_report
+from afinar.evaluate import facts, probe
+from afinar.evaluate.contrast import build_contrast, criteria
+from afinar.evaluate.questions import load_questions
+from afinar.evaluate.report import markdown_report
 
 OXYGEN_ERROR = "El oxígeno liberado se libera por los estomas del CO2 y del agua de la hoja."
 
@@ -105,7 +105,7 @@ def small_model(embedded_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from afinar.prompts import ensure_pad_token
+    from afinar.core.prompts import ensure_pad_token
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_path)
     ensure_pad_token(tokenizer)
@@ -119,8 +119,8 @@ def small_model(embedded_path):
 def test_sequence_logps_equal_the_full_logits_computation(small_model):
     import torch
 
-    from afinar.logprobs import right_padded, sequence_logps
-    from afinar.prompts import IGNORE_INDEX, tokenize_example
+    from afinar.evaluate.logprobs import right_padded, sequence_logps
+    from afinar.core.prompts import IGNORE_INDEX, tokenize_example
 
     model, tokenizer = small_model
     rows = [tokenize_example(tokenizer, {"instruction": "¿Qué es el ATP?", "output": text}, 256)
@@ -154,7 +154,7 @@ def test_probe_prefers_the_plainly_true_statement(small_model):
 def test_preference_training_makes_the_correct_answer_win(small_model):
     import torch
 
-    from afinar.preference import train_preference
+    from afinar.train.preference import train_preference
 
     model, tokenizer = small_model
     entries = [
@@ -182,8 +182,8 @@ def test_preference_training_makes_the_correct_answer_win(small_model):
 
 
 def test_rejected_reaches_training_and_must_differ_from_output(tmp_path):
-    from afinar.data import prepare
-    from afinar.preference import triples
+    from afinar.data.pipeline import prepare
+    from afinar.train.preference import triples
 
     data = json.loads((ROOT / "tu_dataset.json").read_text(encoding="utf-8"))
     with_rejected = [e for e in data if e.get("rejected")]

@@ -11,9 +11,9 @@ import pytest
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard import metadata_load
 
-from afinar.embedded import ensure_checkpoint
-from afinar.model_card import render_model_card, write_model_card
-from afinar.prompts import SYSTEM_PROMPT
+from afinar.core.embedded import ensure_checkpoint
+from afinar.export.model_card import render_model_card, write_model_card
+from afinar.core.prompts import SYSTEM_PROMPT
 
 TOKEN = "hf_FAKEtoken1234567890abcdef"
 CONTRAST_MD = (

@@ -1,4 +1,4 @@
-"""afinar.overwrite and afinar.checkpoints on real files: what --overwrite keeps and what --resume trusts."""
+"""afinar.core.overwrite and afinar.core.checkpoints on real files: what --overwrite keeps and what --resume trusts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from afinar import checkpoints, overwrite
+from afinar.core import checkpoints, overwrite
 
 
 def _fill(root):

@@ -1,4 +1,4 @@
-"""Held-out perplexity scores only the response positions (afinar.logprobs.sequence_logps), and that gives the
+"""Held-out perplexity scores only the response positions (afinar.evaluate.logprobs.sequence_logps), and that gives the
 same number as the textbook computation over the full logits: real embedded model, fp32."""
 
 import math
@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from afinar.embedded import ensure_checkpoint
-from afinar.logprobs import right_padded
-from afinar.perplexity import perplexity
-from afinar.prompts import IGNORE_INDEX, ensure_pad_token, tokenize_example
+from afinar.core.embedded import ensure_checkpoint
+from afinar.evaluate.logprobs import right_padded
+from afinar.evaluate.perplexity import perplexity
+from afinar.core.prompts import IGNORE_INDEX, ensure_pad_token, tokenize_example
 
 ENTRIES = [
     {"instruction": "¿Qué es una enzima?", "output": "Una proteína que acelera una reacción química."},

@@ -17,9 +17,9 @@ QUESTIONS = [
     {"pregunta": "¿Respiran las plantas?", "palabras_clave": ["respir"]},
     {"pregunta": "¿Necesita oscuridad el ciclo de Calvin?"},
 ]
-from afinar.merge import DEFAULT_TOLERANCE, MIN_TOP1_AGREEMENT
+from afinar.export.merge import DEFAULT_TOLERANCE, MIN_TOP1_AGREEMENT
 
-# merged_16bit/ is fp16 by default: the bounds are the ones afinar.merge states and explains.
+# merged_16bit/ is fp16 by default: the bounds are the ones afinar.export.merge states and explains.
 MERGE_MAX_DIFF_OVER_STD = DEFAULT_TOLERANCE["float16"]
 MERGE_TOP1_AGREEMENT = MIN_TOP1_AGREEMENT["float16"]
 # Planted in every stage's environment: it must never reach a file, stdout or stderr.

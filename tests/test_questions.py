@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from afinar.errors import UserError
-from afinar.questions import load_questions
+from afinar.core.errors import UserError
+from afinar.evaluate.questions import load_questions
 
 REPO_QUESTIONS = Path(__file__).resolve().parent.parent / "preguntas_contraste.json"
 

@@ -86,7 +86,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(stage02_dir, t
 
 WRITER = r"""
 import sys
-from afinar import atomic
+from afinar.core import atomic
 path = sys.argv[1]
 i = 0
 while True:
@@ -121,7 +121,7 @@ def test_remote_code_is_never_trusted():
     """No call in the package or the scripts may enable trust_remote_code."""
     import re
 
-    sources = list((ROOT / "afinar").glob("*.py")) + list(ROOT.glob("0*_*.py"))
+    sources = list((ROOT / "afinar").rglob("*.py")) + list(ROOT.glob("0*_*.py"))
     values = {str(p): re.findall(r"trust_remote_code[\"']?\s*[=:]\s*([\w.]+)", p.read_text(encoding="utf-8"))
               for p in sources}
     enabled = {path: found for path, found in values.items() if any(v != "False" for v in found)}

@@ -10,9 +10,9 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from afinar.contrast import build_contrast
-from afinar.layout import OutputLayout
-from afinar.report import markdown_table, write_reports
+from afinar.evaluate.contrast import build_contrast
+from afinar.core.layout import OutputLayout
+from afinar.evaluate.report import markdown_table, write_reports
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -157,7 +157,7 @@ def test_chromium_renders_table_and_side_by_side_answers(written, tmp_path):
 
 
 def test_reports_state_the_generation_settings_of_both_sides(tmp_path):
-    from afinar.report import markdown_report
+    from afinar.evaluate.report import markdown_report
 
     contrast = build_contrast(QUESTIONS, rows(BEFORE), rows(AFTER), 21.37, 12.04)
     assert "repetition_penalty" not in markdown_report(contrast), "nothing recorded, nothing claimed"

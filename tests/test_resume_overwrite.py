@@ -189,7 +189,7 @@ def test_sigkill_at_several_points_of_a_checkpoint_save_then_resume(stage02_dir,
     """SIGKILL while the trainer writes a checkpoint: as soon as its folder appears, as soon as the optimizer
     file appears, as soon as trainer_state.json appears. Each time --resume must take the newest complete
     checkpoint (never the one being written), and the last resume must finish the planned steps."""
-    from afinar import checkpoints
+    from afinar.core import checkpoints
 
     out = copy_output(stage02_dir, tmp_path / "salida")
     planned = 8

@@ -4,9 +4,9 @@ import importlib.util
 
 import pytest
 
-from afinar import settings
-from afinar.generation import DEFAULT_REPETITION_PENALTY
-from afinar.modelfile import REPEAT_PENALTY
+from afinar.core import settings
+from afinar.evaluate.generation import DEFAULT_REPETITION_PENALTY
+from afinar.export.modelfile import REPEAT_PENALTY
 from conftest import ROOT, run_script
 
 
@@ -33,7 +33,7 @@ def test_02_rank_flag_default_matches_the_documented_default():
 
 
 def test_ollama_answers_with_the_repetition_penalty_the_contrast_test_used():
-    from afinar.modelfile import modelfile_text
+    from afinar.export.modelfile import modelfile_text
 
     default = modelfile_text("./m.gguf", "chatml", system_prompt="Responde.")
     assert f"PARAMETER repeat_penalty {DEFAULT_REPETITION_PENALTY:g}\n" in default

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from afinar import manifest, prompts
-from afinar.errors import UserError
-from afinar.layout import OutputLayout
-from afinar.model_card import render_model_card
-from afinar.modelfile import modelfile_text
+from afinar.core import manifest, prompts
+from afinar.core.errors import UserError
+from afinar.core.layout import OutputLayout
+from afinar.export.model_card import render_model_card
+from afinar.export.modelfile import modelfile_text
 from conftest import ROOT, SMALL_QUESTIONS, run_script
 
 TOPIC = "Eres un tutor de historia de España. Respondes en español, con fechas y fuentes."

@@ -11,7 +11,7 @@ def peft_model(embedded_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from afinar.settings import LORA_TARGET_MODULES
+    from afinar.core.settings import LORA_TARGET_MODULES
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(embedded_path, dtype=torch.float32)
@@ -21,8 +21,8 @@ def peft_model(embedded_path):
 
 
 def _batch(tokenizer, packed: bool):
-    from afinar.packing import Collator, pack_in_order
-    from afinar.prompts import tokenize_example
+    from afinar.train.packing import Collator, pack_in_order
+    from afinar.core.prompts import tokenize_example
 
     entries = [
         {"instruction": "¿Qué es el estroma?", "output": "Es el líquido que rodea los tilacoides del cloroplasto."},
@@ -42,7 +42,7 @@ def _batch(tokenizer, packed: bool):
 def test_response_only_loss_matches_model_loss(peft_model, packed):
     import torch
 
-    from afinar.training import response_only_loss
+    from afinar.train.training import response_only_loss
 
     model, tokenizer = peft_model
     batch = _batch(tokenizer, packed)
@@ -63,7 +63,7 @@ def test_packed_rows_keep_examples_apart(peft_model):
     """A packed row must score each example exactly as if it were alone (block-diagonal attention)."""
     import torch
 
-    from afinar.training import response_only_loss
+    from afinar.train.training import response_only_loss
 
     model, tokenizer = peft_model
     with torch.no_grad():

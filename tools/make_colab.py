@@ -357,7 +357,7 @@ import html
 
 from IPython.display import Image, display
 
-from afinar.layout import OutputLayout
+from afinar.core.layout import OutputLayout
 
 layout = OutputLayout.at(OUTPUT_DIR)
 if layout.contrast_html.exists():
@@ -385,17 +385,17 @@ def flag_pairs(resolved: list[ResolvedParam], stage: str, indent: str, skip: tup
 
 
 def stage_cell(resolved: list[ResolvedParam], key: str) -> str:
-    # --overwrite and --resume come from afinar.colab.next_step, which reads run.json: the cell runs the stage
+    # --overwrite and --resume come from afinar.stages.colab.next_step, which reads run.json: the cell runs the stage
     # only if it is not finished, and an interrupted training continues from its last checkpoint.
     pairs = flag_pairs(resolved, key, "        ", skip=("OVERWRITE",))
-    return (f'from afinar.colab import announce, next_step\n\n'
+    return (f'from afinar.stages.colab import announce, next_step\n\n'
             f'step = next_step(OUTPUT_DIR, "{STEP_OF[key]}", OVERWRITE)\n'
             f'if announce(step):\n'
             f'    run_stage("{SCRIPTS[key]}", *step.flags, *flags(\n{pairs}\n    ))\n')
 
 
 TRY_CELL = """\
-from afinar.tryout import try_model
+from afinar.stages.tryout import try_model
 
 try_model(OUTPUT_DIR, TRY_QUESTION, chat=TRY_CHAT, max_new_tokens=TRY_MAX_NEW_TOKENS)
 """
@@ -563,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     if current == text:
         print(f"{NOTEBOOK.name} ya estaba al día.")
         return 0
-    from afinar import atomic
+    from afinar.core import atomic
 
     atomic.write_text(NOTEBOOK, text)
     url = committed_repo_url(text)

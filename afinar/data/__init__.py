@@ -1,0 +1,1 @@
+"""The training data: reading and checking a dataset, cleaning, mixing, measuring, and distilling new entries."""

@@ -1,0 +1,216 @@
+"""Stage 04: the 'after' answers and the contrast report, then merge, GGUF, model card and push."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from afinar.core import atomic, manifest, overwrite
+from afinar.train import modeling
+from afinar.core.environment import detect_device
+from afinar.core.errors import UserError
+from afinar.core.layout import OutputLayout
+
+PUSH_PARTS = ("adapter", "merged", "gguf")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _eval_entries(layout: OutputLayout, eval_file: str | None) -> tuple[list[dict], str | None]:
+    if eval_file:
+        from afinar.data.data_check import read_dataset
+
+        # The same checks as the training data: a bad file is a Spanish message naming entry and field.
+        return read_dataset(eval_file).entries, str(eval_file)
+    if layout.eval_split.exists():
+        return _read_jsonl(layout.eval_split), manifest.relative(layout, layout.eval_split)
+    return [], None
+
+
+def _check_push_first(args) -> dict | None:
+    """Token and repo are checked before any heavy work: a missing token must not cost a merge."""
+    if not (args.push or args.push_only):
+        return None
+    if not args.repo_id:
+        raise UserError("--push necesita --repo-id usuario/nombre.")
+    from afinar.export.hub import check_push_access, get_token
+
+    return check_push_access(args.repo_id, get_token())
+
+
+def _parts(what: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in what.split(",") if p.strip())
+    unknown = [p for p in parts if p not in PUSH_PARTS]
+    if unknown:
+        raise UserError(f"--what: partes desconocidas {unknown}; elige entre {', '.join(PUSH_PARTS)}.")
+    return parts
+
+
+def _gguf_formats(value: str) -> list[str]:
+    from afinar.export.gguf_export import check_types
+
+    formats = [f.strip().lower() for f in (value or "").split(",") if f.strip() and f.strip().lower() != "none"]
+    return check_types(formats) if formats else []
+
+
+def run_contrast(args, layout: OutputLayout, run_manifest: dict, model, tokenizer) -> dict:
+    from afinar.evaluate.contrast import build_contrast
+    from afinar.evaluate.generation import DEFAULT_BATCH_SIZE, generate_answers
+    from afinar.evaluate.perplexity import perplexity
+    from afinar.evaluate.questions import load_questions
+    from afinar.evaluate.report import write_reports
+
+    questions = load_questions(run_manifest.get("questions_file") or args.questions)
+    gen = run_manifest.get("generation", {})
+    # The same settings as the 'before' answers of stage 02, or the comparison would not be fair.
+    max_new_tokens = gen.get("max_new_tokens", 200)
+    # A run.json written before the setting existed was generated without a penalty: keep it at 1.0.
+    repetition_penalty = gen.get("repetition_penalty", 1.0)
+    print(f"Respondiendo {len(questions)} preguntas de contraste con el modelo afinado (después) ...", flush=True)
+    after = generate_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens,
+                             batch_size=gen.get("batch_size", DEFAULT_BATCH_SIZE), seed=run_manifest["settings"]["seed"],
+                             repetition_penalty=repetition_penalty)
+    atomic.write_jsonl(layout.answers_after, after)
+    before = _read_jsonl(layout.answers_before)
+
+    entries, source = _eval_entries(layout, args.eval_file)
+    ppl_before = ppl_after = None
+    if entries:
+        print(f"Perplejidad sobre {len(entries)} entradas apartadas ({source}) ...", flush=True)
+        max_len = run_manifest["settings"]["max_seq_length"]
+        # The base model is the tuned one with its adapter switched off: the same weights 02 used,
+        # scored here on exactly the same tokens as the tuned model.
+        with model.disable_adapter():
+            ppl_before = perplexity(model, tokenizer, entries, max_seq_length=max_len, batch_size=4)
+        ppl_after = perplexity(model, tokenizer, entries, max_seq_length=max_len, batch_size=4)
+    probe_result = _probe(run_manifest, model, tokenizer)
+    contrast = build_contrast(questions, before, after, ppl_before, ppl_after, probe=probe_result)
+    contrast["perplexity_source"] = source
+    contrast["generation"] = {"do_sample": False, "max_new_tokens": max_new_tokens,
+                              "repetition_penalty": repetition_penalty}
+    write_reports(layout, contrast)
+    return contrast
+
+
+def _probe(run_manifest: dict, model, tokenizer) -> dict | None:
+    """The misconception probe, base (adapter off) against tuned, on the pairs stage 02 recorded."""
+    from afinar.evaluate import probe
+
+    path = run_manifest.get("probe_file")
+    if not path:
+        return None
+    pairs = probe.load_pairs(path)
+    print(f"Sonda de errores: {len(pairs)} pares (verdadera frente al error típico) ...", flush=True)
+    with model.disable_adapter():
+        before = probe.score_pairs(model, tokenizer, pairs)
+    after = probe.score_pairs(model, tokenizer, pairs)
+    return probe.summary(before, after, Path(path).name)
+
+
+def run(args) -> dict[str, Any]:
+    layout = OutputLayout.at(args.output_dir)
+    run_manifest = manifest.read(layout)
+    manifest.require_stage(run_manifest, "load", layout)
+    manifest.require_stage(run_manifest, "train", layout)
+    push_access = _check_push_first(args)
+    from afinar.core.prompts import configure_from_manifest
+
+    configure_from_manifest(run_manifest)  # contrast, chat, Modelfile and card use 02's system prompt
+    if not args.push_only:
+        modeling.ensure_base_path(run_manifest)
+    parts = _parts(args.what)
+    _gguf_formats(args.gguf)  # an unknown type fails here, before the model is loaded
+
+    if args.push_only:
+        return {"layout": layout, "push": _push(args, layout, run_manifest, parts, push_access)}
+
+    record = run_manifest.get("stages", {}).get("export")
+    if record and record.get("status") == "done" and not args.overwrite and not args.chat:
+        raise UserError(
+            f"La etapa 04 ya exportó en {layout.root} ({record.get('finished_at')}). Usa --overwrite para repetirla "
+            f"o --push-only para volver a subir lo que ya existe."
+        )
+
+    settings = run_manifest["settings"]
+    if args.eval_file and not args.chat:
+        _eval_entries(layout, args.eval_file)  # a bad file is refused now, not after the 'after' answers
+    device = detect_device()
+    print("Cargando el modelo base con el adaptador entrenado ...", flush=True)
+    model, tokenizer = modeling.build(settings, device, settings.get("precision", "fp32"), adapter_dir=layout.adapter)
+    model.eval()
+
+    if args.chat:
+        from afinar.evaluate.generation import chat
+
+        from afinar.evaluate.generation import DEFAULT_REPETITION_PENALTY
+
+        penalty = run_manifest.get("generation", {}).get("repetition_penalty", DEFAULT_REPETITION_PENALTY)
+        chat(model, tokenizer, max_new_tokens=args.max_new_tokens or 300, repetition_penalty=penalty)
+        return {"layout": layout}
+
+    # A repeated export (--overwrite) moves the previous one aside and deletes it only once this one is
+    # recorded: a merge or GGUF failure halfway gives the old reports and files back.
+    # Merged and GGUF files are only replaced when this run makes new ones (not with --no-merge / --gguf none).
+    previous = [layout.answers_after, layout.contrast_json, layout.contrast_md, layout.contrast_html] if record else []
+    if record and not args.no_merge:
+        previous += [layout.merged] + ([layout.gguf_dir] if _gguf_formats(args.gguf) else [])
+    with overwrite.set_aside(previous):
+        started = time.perf_counter()
+        contrast = run_contrast(args, layout, run_manifest, model, tokenizer)
+        del model
+        _release_memory()
+        result: dict[str, Any] = {"layout": layout, "contrast": contrast}
+        export_record: dict[str, Any] = {
+            "contrast": manifest.relative(layout, layout.contrast_json),
+            "report_md": manifest.relative(layout, layout.contrast_md),
+            "report_html": manifest.relative(layout, layout.contrast_html),
+            "verdict": contrast["verdict"],
+            "perplexity": contrast["perplexity"],
+        }
+
+        if not args.no_merge:
+            from afinar.export.export_worker import run_in_subprocess
+
+            export_record.update(run_in_subprocess(layout, settings["base_path"], args.merge_dtype,
+                                                   _gguf_formats(args.gguf)))
+
+        _write_cards(layout, run_manifest, args.repo_id)
+        export_record["seconds"] = round(time.perf_counter() - started, 1)
+        manifest.record_stage(layout, run_manifest, "export", **export_record)
+    if args.push:  # after the export is recorded: a failed upload must not undo it
+        result["push"] = _push(args, layout, run_manifest, parts, push_access)
+    return result
+
+
+def _write_cards(layout: OutputLayout, run_manifest: dict, repo_id: str | None) -> None:
+    from afinar.export.model_card import write_model_card
+
+    contrast_md = layout.contrast_md.read_text(encoding="utf-8") if layout.contrast_md.exists() else None
+    for folder, kind in ((layout.adapter, "adapter"), (layout.merged, "merged"), (layout.gguf_dir, "gguf")):
+        if folder.exists():
+            write_model_card(folder, kind=kind, manifest=run_manifest, contrast_md=contrast_md, repo_id=repo_id)
+
+
+def _push(args, layout: OutputLayout, run_manifest: dict, parts: tuple[str, ...], access: dict | None) -> dict:
+    from afinar.export.hub import get_token, push
+
+    print(f"Subiendo {', '.join(parts)} a {args.repo_id} ...", flush=True)
+    result = push(layout, args.repo_id, get_token(), private=args.private, what=parts)
+    run_manifest = manifest.read(layout)
+    run_manifest.setdefault("pushes", []).append({"at": manifest.now_iso(), "access": access, **result})
+    manifest.write(layout, run_manifest)
+    return result
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
