@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from afinar.core.errors import UserError
+from afinar.core.redaction import redact
 
 # Checked in this order; the first one set wins. TEACHER_API_KEY first, so a user can point the teacher at a
 # different account than the OPENAI_API_KEY other tools on the machine use.
@@ -109,12 +110,6 @@ def check_base_url(url: str) -> str:
     return url.strip().rstrip("/")
 
 
-def _redact(text: str, secret: str | None) -> str:
-    if secret:
-        text = text.replace(secret, "***")
-    return text
-
-
 def _retry_after(headers) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or HTTP date), or None."""
     value = headers.get("Retry-After") if headers is not None else None
@@ -165,6 +160,10 @@ class HttpTeacher:
         """Make waiting workers give up (another request already failed for good)."""
         self._stop.set()
 
+    def _hide_key(self, text: str) -> str:
+        # Any provider's key, not only the Hub's: mask it whole, and leave other hf_-shaped text alone.
+        return redact(text, self._key, mask="***", hub_tokens=False)
+
     def _wait(self, attempt: int, reason: str, retry_after: float | None) -> None:
         if retry_after is not None:
             wait = retry_after
@@ -197,7 +196,7 @@ class HttpTeacher:
                     raw_body = err.read(2000)
                 except (OSError, http.client.HTTPException):
                     raw_body = b""  # the server closed the connection mid-body: the status is enough
-                body = _redact(raw_body.decode("utf-8", "replace"), self._key)[:MAX_ERROR_BODY_CHARS]
+                body = self._hide_key(raw_body.decode("utf-8", "replace"))[:MAX_ERROR_BODY_CHARS]
                 last = f"HTTP {err.code}: {body}"
                 if err.code not in RETRYABLE_STATUS:
                     raise UserError(self._fatal_message(err.code, body)) from None
@@ -213,7 +212,7 @@ class HttpTeacher:
                 if isinstance(err.reason, (TimeoutError, socket.timeout)):
                     reason, last = "timeout", f"sin respuesta en {self.timeout:g} s"
                 else:
-                    reason, last = "connection", f"no se pudo conectar ({_redact(str(err.reason), self._key)})"
+                    reason, last = "connection", f"no se pudo conectar ({self._hide_key(str(err.reason))})"
             except (http.client.HTTPException, ConnectionError, OSError) as err:
                 reason, last = "connection", f"conexión cortada ({type(err).__name__})"
             if attempt == self.max_retries:

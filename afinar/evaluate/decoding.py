@@ -29,6 +29,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from afinar.core.models import model_device
+
 # One host sync (the "are all rows finished?" read, and the streamed tokens) every this many tokens on a GPU.
 # Waste when every row has finished: at most STOP_CHECK_EVERY - 1 extra steps, each ~2 ms on an H200.
 STOP_CHECK_EVERY = 16
@@ -98,7 +100,7 @@ def resolve_mode(mode: str, device, model=None) -> str:
     requested = os.environ.get(MODE_ENV) or mode
     if requested not in MODES:
         raise ValueError(f"{MODE_ENV}/mode debe ser uno de {', '.join(MODES)} (se pidió {requested!r}).")
-    device = device if device is not None else _model_device(model)
+    device = device if device is not None else model_device(model)
     if requested == "static":
         return requested
     if getattr(device, "type", None) != "cuda":
@@ -115,7 +117,7 @@ def resolve_mode(mode: str, device, model=None) -> str:
 def _run(model, input_ids, attention_mask, max_new_tokens, penalty, stop_ids, pad_id, on_tokens, mode):
     import torch
 
-    device = _model_device(model)
+    device = model_device(model)
     input_ids = input_ids.to(device)
     attention_mask = attention_mask.to(device).long()
     batch, width = input_ids.shape
@@ -378,15 +380,6 @@ def _last_useful_step(out, stop_ids) -> int:
     alive = (~stopped_before).any(dim=0)
     useful = int(alive.nonzero().max()) + 1 if bool(alive.any()) else 0
     return max(useful, 1)
-
-
-def _model_device(model):
-    import torch
-
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next(model.parameters()).device
 
 
 def _is_out_of_memory(err: BaseException) -> bool:

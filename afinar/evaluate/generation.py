@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Sequence, TextIO
 from afinar.core.errors import UserError
 from afinar.core.prompts import ensure_pad_token, question_messages, user_text
 from afinar.evaluate.questions import question_text
+from afinar.core.models import free_gpu_memory, model_device, unwrap_peft
 
 # 200 tokens: the training answers are short paragraphs (44-75 tokens with the SmolLM2 tokenizer, fewer with
 # Llama's), so a model that learned to stop has ~3x headroom, while one that loops is cut after a bounded time
@@ -84,7 +85,7 @@ def generate_answers(
             except Exception as err:  # noqa: BLE001 - only out-of-memory is handled, the rest is re-raised
                 if not _is_out_of_memory(err) or len(chunk) == 1:
                     raise
-                _free_accelerator_memory()
+                free_gpu_memory()
                 log(f"Aviso: sin memoria al generar {len(chunk)} respuestas a la vez; se generan de una en una "
                     f"y los lotes siguientes serán de {max(1, batch_size // 2)}.")
                 batch_size = max(1, batch_size // 2)
@@ -178,7 +179,7 @@ def chat(
     ensure_pad_token(tokenizer)
     stop_ids = stop_token_ids(model, tokenizer)
     options = _generate_options(model, tokenizer, max_new_tokens, False, repetition_penalty)
-    device = _model_device(model)
+    device = model_device(model)
     history: list[dict[str, str]] = []
     if interactive:
         output.write("Chat con el modelo afinado. Escribe tu pregunta; una línea vacía o «salir» termina.\n")
@@ -236,7 +237,7 @@ def decode(tokenizer, ids: Sequence[int]) -> str:
 
 def _answer_chunk(model, tokenizer, prompts: list[list[int]], options: dict[str, Any]) -> list[dict[str, Any]]:
     batch = left_padded_batch(tokenizer, prompts)
-    device = _model_device(model)
+    device = model_device(model)
     batch = {key: value.to(device) for key, value in batch.items()}
     started = time.perf_counter()
     new_ids = _continue(model, batch, options)
@@ -274,7 +275,7 @@ def _continue(model, batch: dict[str, Any], options: dict[str, Any], on_tokens=N
 
 
 def _unsloth_patched(model) -> bool:
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = unwrap_peft(model)
     patched = (getattr(type(causal_lm), "forward", None), getattr(causal_lm, "generate", None),
                getattr(model, "generate", None))
     return any(str(getattr(f, "__module__", "") or "").startswith("unsloth") for f in patched)
@@ -366,15 +367,6 @@ def _padding_side(tokenizer, side: str) -> Iterator[None]:
         tokenizer.padding_side = previous
 
 
-def _model_device(model):
-    import torch
-
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next(model.parameters()).device
-
-
 def _synchronize(device) -> None:
     import torch
 
@@ -392,16 +384,6 @@ def _is_out_of_memory(err: BaseException) -> bool:
     import torch
 
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def _free_accelerator_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _as_list(value: Any) -> list[Any]:

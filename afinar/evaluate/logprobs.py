@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from afinar.core.models import model_device, unwrap_peft
 from afinar.core.prompts import IGNORE_INDEX
 
 
@@ -38,8 +39,8 @@ def sequence_logps(model, batch: dict[str, Any]):
 
     from afinar.train import frozen_prefix
 
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    device = next(causal_lm.parameters()).device
+    causal_lm = unwrap_peft(model)
+    device = model_device(causal_lm)
     features = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
     prefix = frozen_prefix.of(causal_lm)  # stage 03's preference phase: the frozen layers once per row
     if prefix is not None:

@@ -10,6 +10,7 @@ import math
 from typing import Any, Sequence
 
 from afinar.core.errors import UserError
+from afinar.core.models import model_device
 from afinar.core.prompts import ensure_pad_token, tokenize_example
 
 
@@ -52,7 +53,7 @@ def response_nll(
     ensure_pad_token(tokenizer)
     examples = [_tokenized(tokenizer, entry, number, max_seq_length, source)
                 for number, entry in enumerate(entries, start=1)]
-    device = _model_device(model)
+    device = model_device(model)
     total_nll = 0.0
     total_tokens = 0
     was_training = bool(getattr(model, "training", False))
@@ -93,12 +94,3 @@ def _batch_nll(model, examples: list[dict[str, list[int]]], pad_id: int, device)
     # (128k columns with Llama), and a bf16 model's loss must not be rounded before it is summed.
     logps, counts = sequence_logps(model, right_padded(examples, pad_id))
     return -float(logps.double().sum()), int(counts.sum())
-
-
-def _model_device(model):
-    import torch
-
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next(model.parameters()).device

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from afinar.core.errors import UserError
+from afinar.core.redaction import redact
 from afinar.core.layout import OutputLayout
 from afinar.core.manifest import STAGE_SCRIPTS, now_iso
 
@@ -33,7 +34,6 @@ IGNORE_PATTERNS = [".*", "*/.*", "*.tmp", "*.tmp.*"]
 
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _REPO_ID_RE = re.compile(rf"^({_REPO_PART})/({_REPO_PART})$")
-_TOKEN_LIKE_RE = re.compile(r"hf_[A-Za-z0-9]{10,}")
 
 _PART_NAMES_ES = {
     "adapter": "el adaptador LoRA",
@@ -137,12 +137,6 @@ def _api(token: str):
     return HfApi(endpoint=hub_endpoint(), token=token, library_name="afinar", library_version=__version__)
 
 
-def _redact(text: str, token: str | None) -> str:
-    if token:
-        text = text.replace(token, "hf_***")
-    return _TOKEN_LIKE_RE.sub("hf_***", text)
-
-
 def _refuse_offline_mode() -> None:
     from huggingface_hub import constants
 
@@ -235,12 +229,12 @@ def _whoami(token: str, endpoint: str) -> dict[str, Any]:
             ) from None
         raise UserError(
             f"No se pudo comprobar el token en {endpoint} (HTTP {_status_code(err)}): "
-            f"{_redact(str(err), token)}. Vuelve a intentarlo más tarde."
+            f"{redact(str(err), token)}. Vuelve a intentarlo más tarde."
         ) from None
     except _network_errors() as err:
         raise UserError(
             f"No se pudo contactar con el Hub en {endpoint} para comprobar el token: "
-            f"{_redact(f'{type(err).__name__}: {err}', token)}. Revisa la conexión a internet "
+            f"{redact(f'{type(err).__name__}: {err}', token)}. Revisa la conexión a internet "
             "(y HF_ENDPOINT si lo has cambiado) y vuelve a intentarlo."
         ) from None
     if not isinstance(info, dict):
@@ -438,10 +432,10 @@ def _push_failed_message(
     layout: OutputLayout, repo_id: str, err: BaseException, token: str, record: dict, retry: str
 ) -> str:
     status = _status_code(err)
-    detail = _redact(f"{type(err).__name__}: {err}", token)
+    detail = redact(f"{type(err).__name__}: {err}", token)
     cause = err.__cause__
     if cause is not None and str(cause) not in str(err):
-        detail += _redact(f" ({type(cause).__name__}: {cause})", token)
+        detail += redact(f" ({type(cause).__name__}: {cause})", token)
     done = ", ".join(record.get("parts", {})) or "ninguna"
     if status in (401, 403):
         hint = "El Hub rechazó el token: comprueba que tiene permiso de escritura sobre ese repositorio."

@@ -363,8 +363,7 @@ def _load_dequantized_base(base_path: Path):
             state[name] = param.detach().float().cpu()
     config = _plain_config(AutoConfig.from_pretrained(base_path))
     del quantized
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_gpu_memory()
 
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)

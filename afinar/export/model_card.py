@@ -17,6 +17,7 @@ from afinar.train import engine
 from afinar.core.embedded import EMBEDDED_ALIAS, ORIGINAL_HUB_ID
 from afinar.evaluate.generation import DEFAULT_REPETITION_PENALTY
 from afinar.core.prompts import DEFAULT_SYSTEM_PROMPT
+from afinar.core.redaction import redact
 
 KINDS = ("merged", "adapter", "gguf")
 LIBRARY_BY_KIND = {"merged": "transformers", "adapter": "peft", "gguf": "gguf"}
@@ -24,7 +25,6 @@ NOT_AVAILABLE = "no disponible"
 EXAMPLE_QUESTION = "¿Qué papel tiene la clorofila en la fotosíntesis?"
 
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_TOKEN_LIKE_RE = re.compile(r"hf_[A-Za-z0-9]{10,}")
 
 # Hub license ids for the base models this project targets; anything else is declared "other".
 _LICENSE_BY_NAME = (
@@ -194,11 +194,6 @@ def _table(header: tuple[str, str], rows: list[tuple[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _redact(text: str) -> str:
-    secret = (os.environ.get("HF_TOKEN") or "").strip()
-    if secret:
-        text = text.replace(secret, "hf_***")
-    return _TOKEN_LIKE_RE.sub("hf_***", text)
 
 
 # ------------------------------------------------------------------------------------------- sections
@@ -468,7 +463,8 @@ def render_model_card(
         _license_section(license_for(manifest, base_model), base_model),
     ]
     body = "\n\n".join(s for s in sections if s)
-    return _redact(f"---\n{_metadata(kind, manifest, base_model)}\n---\n\n{body}\n")
+    card = f"---\n{_metadata(kind, manifest, base_model)}\n---\n\n{body}\n"
+    return redact(card, (os.environ.get("HF_TOKEN") or "").strip())
 
 
 def write_model_card(

@@ -12,6 +12,7 @@ from afinar.train import modeling
 from afinar.core.environment import detect_device
 from afinar.core.errors import UserError
 from afinar.core.layout import OutputLayout
+from afinar.core.models import free_gpu_memory
 
 PUSH_PARTS = ("adapter", "merged", "gguf")
 
@@ -162,7 +163,7 @@ def run(args) -> dict[str, Any]:
         started = time.perf_counter()
         contrast = run_contrast(args, layout, run_manifest, model, tokenizer)
         del model
-        _release_memory()
+        free_gpu_memory()
         result: dict[str, Any] = {"layout": layout, "contrast": contrast}
         export_record: dict[str, Any] = {
             "contrast": manifest.relative(layout, layout.contrast_json),
@@ -204,13 +205,3 @@ def _push(args, layout: OutputLayout, run_manifest: dict, parts: tuple[str, ...]
     run_manifest.setdefault("pushes", []).append({"at": manifest.now_iso(), "access": access, **result})
     manifest.write(layout, run_manifest)
     return result
-
-
-def _release_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

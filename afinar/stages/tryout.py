@@ -16,6 +16,7 @@ from afinar.core import manifest
 from afinar.train import modeling
 from afinar.core.errors import UserError
 from afinar.core.layout import OutputLayout
+from afinar.core.models import free_gpu_memory
 
 # Room for a full paragraph: the contrast caps answers at its recorded limit, a conversation deserves more.
 MIN_CHAT_TOKENS = 300
@@ -62,14 +63,4 @@ def try_model(output_dir: str | Path, question: str | None, *, chat: bool = True
     finally:
         # The notebook keeps running after this cell (a push, another try): give the memory back.
         del model
-        _release()
-
-
-def _release() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        free_gpu_memory()

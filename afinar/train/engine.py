@@ -23,6 +23,7 @@ from typing import Any
 
 from afinar.core.environment import DeviceInfo
 from afinar.core.errors import UserError
+from afinar.core.models import unwrap_peft
 
 ENGINES = ("auto", "unsloth", "compiled", "eager")
 # A 16 GB T4 reports ~14.7 GiB. Below this, Unsloth (12 GB cards and smaller).
@@ -244,7 +245,7 @@ def _use_fp8_if_it_holds_(model, plan: Plan, probe_rows: list[dict]) -> None:
 
 
 def decoder_layers(model):
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap_peft(model)
     return inner.model.layers
 
 
@@ -269,7 +270,7 @@ def kernel_fallback(model, plan: Plan):
     def fall_back(err: BaseException) -> bool:
         first_line = (str(err).strip().splitlines() or [""])[0][:200]
         if plan.attn_implementation == "flex_attention":
-            inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+            inner = unwrap_peft(model)
             inner.set_attn_implementation("sdpa")  # packed rows keep their position_ids: same document masks
             plan.attn_implementation = "sdpa"
             instead = "atención SDPA (máscaras densas, más lenta) en lugar de flex"

@@ -17,6 +17,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any
 
+from afinar.core.models import unwrap_peft
+
 DEFAULT_MAX_BYTES = 2 * 1024**3  # past this, rows are computed every time instead of stored (a huge dataset)
 
 
@@ -93,14 +95,9 @@ def _only_layers(inner, which: slice, final_norm: bool):
         inner.layers, inner.norm = layers, norm
 
 
-def _causal_lm(model):
-    """The transformers model under a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def first_adapted_layer(peft_model) -> int | None:
     """The index of the lowest decoder layer with LoRA weights, or None when the model has no such stack."""
-    causal_lm = _causal_lm(peft_model)
+    causal_lm = unwrap_peft(peft_model)
     layers = getattr(getattr(causal_lm, "model", None), "layers", None)
     if layers is None or not hasattr(causal_lm.model, "norm"):
         return None
@@ -115,14 +112,14 @@ def attach(peft_model) -> FrozenPrefix | None:
     start = first_adapted_layer(peft_model)
     if not start:
         return None
-    causal_lm = _causal_lm(peft_model)
+    causal_lm = unwrap_peft(peft_model)
     prefix = FrozenPrefix(causal_lm, start)
     causal_lm._afinar_frozen_prefix = prefix
     return prefix
 
 
 def detach(peft_model) -> None:
-    causal_lm = _causal_lm(peft_model)
+    causal_lm = unwrap_peft(peft_model)
     causal_lm.__dict__.pop("_afinar_frozen_prefix", None)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from afinar.core import atomic, checkpoints, distributed
 from afinar.core.errors import UserError
 from afinar.core.layout import OutputLayout
+from afinar.core.models import unwrap_peft
 from afinar.train.packing import Collator, pack_in_order
 from afinar.core.prompts import tokenize_example
 
@@ -54,7 +55,7 @@ def response_only_loss(model, inputs: dict, num_items_in_batch=None, row_lengths
     from afinar.train import frozen_prefix
     from afinar.core.prompts import IGNORE_INDEX
 
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = unwrap_peft(model)
     features = {k: v for k, v in inputs.items() if k != "labels"}
     prefix = frozen_prefix.of(causal_lm)
     if prefix is not None and row_lengths is not None:
