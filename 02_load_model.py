@@ -27,11 +27,12 @@ def parse_args(argv=None):
                    help="precisión de cálculo (por defecto: auto = bf16 en GPU que lo tenga, fp16 en la T4; en CPU, "
                         "bf16 si el procesador lo calcula de forma nativa (AMX), que entrena ~1,65x más rápido, y "
                         "fp32 si no; los pesos de LoRA y el optimizador siempre en fp32)")
-    p.add_argument("--lora-r", type=int, default=16, help=settings.help_text("lora_r", "rango de LoRA"))
+    p.add_argument("--lora-r", type=int, default=settings.common_default("lora_r"), help=settings.help_text("lora_r", "rango de LoRA"))
     p.add_argument("--lora-alpha", type=int, default=None, help=settings.help_text("lora_alpha", "alpha de LoRA"))
     p.add_argument("--lora-layers", type=int, default=None,
                    help=settings.help_text("lora_layers", "capas (las de arriba) que reciben LoRA"))
-    p.add_argument("--lora-dropout", type=float, default=0.0, help=settings.help_text("lora_dropout", "dropout de LoRA"))
+    p.add_argument("--lora-dropout", type=float, default=settings.common_default("lora_dropout"),
+                   help=settings.help_text("lora_dropout", "dropout de LoRA"))
     p.add_argument("--max-seq-length", type=int, default=None,
                    help=settings.help_text("max_seq_length", "longitud máxima en tokens"))
     p.add_argument("--seed", type=int, default=None, help=settings.help_text("seed", "semilla"))
@@ -64,9 +65,9 @@ def parse_args(argv=None):
 
 @main_guard
 def main(argv=None):
-    from afinar.stages import stage_load
-
     args = parse_args(argv)
+    from afinar.stages import stage_load  # after parsing: --help and a bad flag answer without loading the pipeline
+
     result = stage_load.run(args)
     layout = result["layout"]
     print(f"\nListo. Manifiesto: {layout.manifest}\nRespuestas 'antes': {layout.answers_before}\n"

@@ -76,9 +76,9 @@ def parse_args(argv=None):
 
 @main_guard
 def main(argv=None):
-    from afinar.stages import stage_train
-
     args = parse_args(argv)
+    from afinar.stages import stage_train  # after parsing: --help and a bad flag answer without loading the pipeline
+
     if args.check_data:
         print(stage_train.check_only(args.dataset))
         return

@@ -9,7 +9,7 @@ Uso:
 El token del Hub se lee de HF_TOKEN o de los secretos de Colab; nunca se imprime ni se guarda.
 """
 
-from afinar.core import cli
+from afinar.core import cli, settings
 from afinar.core.errors import main_guard
 
 
@@ -26,10 +26,8 @@ def parse_args(argv=None):
                    help="abrir un chat interactivo con el modelo afinado y terminar (por defecto: no)")
     p.add_argument("--no-merge", action="store_true",
                    help="no fusionar ni exportar, solo la prueba de contraste (por defecto: no)")
-    p.add_argument("--merge-dtype", choices=["float16", "bfloat16"], default="float16",
-                   help="precisión de merged_16bit/ (por defecto: float16: sus 11 bits de mantisa conservan los "
-                        "cambios pequeños de LoRA que bfloat16 (8 bits) redondea; medido en una H200, ver "
-                        "BENCHMARKS.md; es además el formato del GGUF f16)")
+    p.add_argument("--merge-dtype", choices=["float16", "bfloat16"], default=settings.common_default("merge_dtype"),
+                   help=settings.help_text("merge_dtype", "precisión de merged_16bit/"))
     p.add_argument("--gguf", default="q8_0",
                    help="formatos GGUF separados por comas: f16, q8_0, q5_k_m, q5_0, q4_k_m, q4_0 o none (por "
                         "defecto: q8_0, la mitad de tamaño que f16 y casi sin pérdida; q4_k_m es el tipo habitual "
@@ -50,9 +48,9 @@ def parse_args(argv=None):
 
 @main_guard
 def main(argv=None):
-    from afinar.stages import stage_export
-
     args = parse_args(argv)
+    from afinar.stages import stage_export  # after parsing: --help and a bad flag answer without loading the pipeline
+
     result = stage_export.run(args)
     layout = result["layout"]
     if "contrast" in result:

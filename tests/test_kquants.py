@@ -193,14 +193,27 @@ def test_unknown_gguf_type_stops_stage_04_before_any_heavy_work(tmp_path):
     assert sorted(p.name for p in layout.root.iterdir()) == ["run.json"]
 
 
-def test_gguf_option_values():
-    from afinar.core.errors import UserError
+def test_gguf_option_values(capsys):
     from afinar.stages.stage_export import _gguf_formats
 
     assert _gguf_formats("Q4_K_M, q8_0") == ["q4_k_m", "q8_0"]
     assert _gguf_formats("none") == []
-    with pytest.raises(UserError, match="--gguf"):
-        _gguf_formats("q4_k_s")
+    # An unknown type is refused once, by the parser, before the stage runs (exit 2, naming the option).
+    script = _load_04()
+    assert script.parse_args(["--gguf", "q4_k_m,q8_0"]).gguf == "q4_k_m,q8_0"
+    with pytest.raises(SystemExit) as stopped:
+        script.parse_args(["--gguf", "q4_k_s"])
+    assert stopped.value.code == 2 and "--gguf" in capsys.readouterr().err
+
+
+def _load_04():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "04_inference_and_export.py"
+    spec = importlib.util.spec_from_file_location("script_04_for_kquants", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_modelfile_and_model_card_name_the_type(tmp_path):

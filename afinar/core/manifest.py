@@ -153,10 +153,16 @@ def write(layout: OutputLayout, manifest: dict[str, Any]) -> None:
     atomic.write_json(layout.manifest, manifest)
 
 
+def finished(manifest: dict[str, Any], stage: str) -> dict[str, Any] | None:
+    """The record of `stage` if it finished ("done"), else None."""
+    record = manifest.get("stages", {}).get(stage)
+    return record if isinstance(record, dict) and record.get("status") == "done" else None
+
+
 def require_stage(manifest: dict[str, Any], stage: str, layout: OutputLayout) -> dict[str, Any]:
     """Return the record of a finished stage, or explain which script to run first."""
-    record = manifest.get("stages", {}).get(stage)
-    if not record or record.get("status") != "done":
+    record = finished(manifest, stage)
+    if record is None:
         raise UserError(
             f"Falta la etapa '{stage}' en {layout.manifest}: ejecuta antes "
             f"python {STAGE_SCRIPTS[stage]} --output-dir {quoted(layout.root)}"

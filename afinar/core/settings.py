@@ -60,6 +60,9 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
                           "cuesta como uno de SFT (~17 s con 2 núcleos AVX2)"),
     "preference_learning_rate": (5e-5, 5e-4, "más baja que la del SFT: DPO mueve la diferencia entre dos respuestas "
                                  "y con pasos grandes las baja las dos"),
+    # stage 04
+    "merge_dtype": ("float16", "float16", "float16 guarda los cambios pequeños de LoRA que bfloat16 redondea "
+                    "(BENCHMARKS.md), y es el formato del GGUF f16"),
 }
 
 # Settings fixed by stage 02 (the adapter's shape): 03 and 04 must not change them.
@@ -72,6 +75,14 @@ TRAIN_KEYS = ("max_seq_length", "learning_rate", "epochs", "max_steps", "batch_s
 def default(name: str, device_kind: str) -> Any:
     gpu, cpu, _ = DEFAULTS[name]
     return gpu if device_kind == "cuda" else cpu
+
+
+def common_default(name: str) -> Any:
+    """The default of a setting that does not depend on the device (a flag declared once for both)."""
+    gpu, cpu, _ = DEFAULTS[name]
+    if gpu != cpu:
+        raise ValueError(f"{name}: el valor por defecto depende del dispositivo ({gpu} / {cpu})")
+    return gpu
 
 
 def lora_alpha_for(lora_r: int, device_kind: str) -> int:

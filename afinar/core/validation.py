@@ -89,7 +89,8 @@ RULES: dict[str, Rule] = {
     "mix_ratio": Rule("number", low=0, low_open=True, high=1, high_open=True),
     "eval_fraction": Rule("number", low=0, high=1, high_open=True),
     # stage 04
-    "gguf": Rule("formats", choices=("f16", "q8_0", "none")),
+    "gguf": Rule("formats", choices=("f16", "q8_0", "none")),  # the writer's own list, when it loads: gguf_formats()
+    "what": Rule("formats", choices=("adapter", "merged", "gguf")),  # what --push uploads
 }
 
 
@@ -112,7 +113,7 @@ def problem(name: str, value: Any) -> str | None:
     if rule.kind == "choice":
         return None if value in rule.choices else f"{_shown(value)} no vale; debe ser {rule.describe()}"
     if rule.kind == "formats":
-        choices = gguf_formats()
+        choices = gguf_formats() if name == "gguf" else rule.choices
         parts = [p.strip() for p in str(value).split(",")] if isinstance(value, str) else None
         if not parts or not all(parts) or any(p not in choices for p in parts):
             return f"{_shown(value)} no vale; debe ser una lista separada por comas de {', '.join(choices)}"

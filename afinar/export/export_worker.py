@@ -4,7 +4,7 @@ Unsloth patches transformers' Llama classes globally when it is imported; a merg
 would run the fp32 reference model through those patches (and their CUDA-only rope caches). A fresh
 process also hands back every byte the tuned model held before the 16-bit copy is built.
 
-    python -m afinar.export.export_worker --output-dir salida --merge-dtype bfloat16 --gguf q8_0 --result FILE
+    python -m afinar.export.export_worker --output-dir salida --merge-dtype float16 --gguf q8_0 --result FILE
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from afinar.core import atomic, manifest
+from afinar.core import atomic, manifest, settings
 from afinar.core.errors import UserError, main_guard
 from afinar.core.layout import OutputLayout
 
@@ -64,7 +64,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--output-dir", required=True)
     p.add_argument("--base-path", required=True)
-    p.add_argument("--merge-dtype", default="bfloat16")
+    p.add_argument("--merge-dtype", default=settings.common_default("merge_dtype"))
     p.add_argument("--gguf", default="none")
     p.add_argument("--result", required=True)
     args = p.parse_args(argv)

@@ -14,8 +14,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
-from afinar.core import atomic
+from afinar.core import atomic, settings
 from afinar.core.errors import UserError
+from afinar.core.models import free_gpu_memory
 from afinar.core.prompts import prompt_ids
 
 # Fixed Spanish questions of the project's domain: the check reads the model exactly as it will be asked.
@@ -212,7 +213,7 @@ def merge_adapter(
     adapter_path: str | Path,
     out_dir: str | Path,
     *,
-    dtype: str = "bfloat16",
+    dtype: str = settings.common_default("merge_dtype"),
     prompts: Iterable[str] | None = None,
     tolerance: float | None = None,
 ) -> dict[str, Any]:

@@ -38,11 +38,6 @@ def _readable_manifest(layout: OutputLayout) -> dict | None:
         return None  # a damaged run.json: the stage itself explains it with its own message
 
 
-def _done(data: dict | None, stage: str) -> dict | None:
-    record = (data or {}).get("stages", {}).get(stage)
-    return record if isinstance(record, dict) and record.get("status") == "done" else None
-
-
 def next_step(output_dir: str | Path, stage: str, overwrite: bool = False) -> Step:
     """The step for `stage` ("load", "train" or "export") given what run.json says is finished."""
     if stage not in STAGE_NAMES:
@@ -52,7 +47,7 @@ def next_step(output_dir: str | Path, stage: str, overwrite: bool = False) -> St
     if overwrite:
         return Step(True, ["--overwrite"], f"OVERWRITE = True: la etapa {number} se repite desde cero.")
     data = _readable_manifest(layout)
-    record = _done(data, stage)
+    record = manifest.finished(data or {}, stage)
     if record:
         return Step(False, [], f"La etapa {number} ya terminó ({record.get('finished_at', '?')}, según "
                                f"{layout.manifest}): se salta. Para repetirla desde cero, pon OVERWRITE = True.")

@@ -8,13 +8,22 @@ from pathlib import Path
 from typing import Any
 
 from afinar.core import atomic, manifest, overwrite
-from afinar.train import modeling
 from afinar.core.environment import detect_device
 from afinar.core.errors import UserError
 from afinar.core.layout import OutputLayout
 from afinar.core.models import free_gpu_memory
-
-PUSH_PARTS = ("adapter", "merged", "gguf")
+from afinar.core.prompts import configure_from_manifest
+from afinar.data.data_check import read_dataset
+from afinar.evaluate import probe
+from afinar.evaluate.contrast import build_contrast
+from afinar.evaluate.generation import DEFAULT_BATCH_SIZE, DEFAULT_REPETITION_PENALTY, chat, generate_answers
+from afinar.evaluate.perplexity import perplexity
+from afinar.evaluate.questions import load_questions
+from afinar.evaluate.report import write_reports
+from afinar.export.export_worker import run_in_subprocess
+from afinar.export.hub import check_push_access, get_token, push
+from afinar.export.model_card import write_model_card
+from afinar.train import modeling
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -23,8 +32,6 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _eval_entries(layout: OutputLayout, eval_file: str | None) -> tuple[list[dict], str | None]:
     if eval_file:
-        from afinar.data.data_check import read_dataset
-
         # The same checks as the training data: a bad file is a Spanish message naming entry and field.
         return read_dataset(eval_file).entries, str(eval_file)
     if layout.eval_split.exists():
@@ -38,33 +45,18 @@ def _check_push_first(args) -> dict | None:
         return None
     if not args.repo_id:
         raise UserError("--push necesita --repo-id usuario/nombre.")
-    from afinar.export.hub import check_push_access, get_token
-
     return check_push_access(args.repo_id, get_token())
 
 
 def _parts(what: str) -> tuple[str, ...]:
-    parts = tuple(p.strip() for p in what.split(",") if p.strip())
-    unknown = [p for p in parts if p not in PUSH_PARTS]
-    if unknown:
-        raise UserError(f"--what: partes desconocidas {unknown}; elige entre {', '.join(PUSH_PARTS)}.")
-    return parts
+    return tuple(p.strip() for p in what.split(",") if p.strip())
 
 
 def _gguf_formats(value: str) -> list[str]:
-    from afinar.export.gguf_export import check_types
-
-    formats = [f.strip().lower() for f in (value or "").split(",") if f.strip() and f.strip().lower() != "none"]
-    return check_types(formats) if formats else []
+    return [f.strip().lower() for f in (value or "").split(",") if f.strip() and f.strip().lower() != "none"]
 
 
 def run_contrast(args, layout: OutputLayout, run_manifest: dict, model, tokenizer) -> dict:
-    from afinar.evaluate.contrast import build_contrast
-    from afinar.evaluate.generation import DEFAULT_BATCH_SIZE, generate_answers
-    from afinar.evaluate.perplexity import perplexity
-    from afinar.evaluate.questions import load_questions
-    from afinar.evaluate.report import write_reports
-
     questions = load_questions(run_manifest.get("questions_file") or args.questions)
     gen = run_manifest.get("generation", {})
     # The same settings as the 'before' answers of stage 02, or the comparison would not be fair.
@@ -99,8 +91,6 @@ def run_contrast(args, layout: OutputLayout, run_manifest: dict, model, tokenize
 
 def _probe(run_manifest: dict, model, tokenizer) -> dict | None:
     """The misconception probe, base (adapter off) against tuned, on the pairs stage 02 recorded."""
-    from afinar.evaluate import probe
-
     path = run_manifest.get("probe_file")
     if not path:
         return None
@@ -113,92 +103,103 @@ def _probe(run_manifest: dict, model, tokenizer) -> dict | None:
 
 
 def run(args) -> dict[str, Any]:
-    layout = OutputLayout.at(args.output_dir)
+    """Stage 04, step by step. --gguf and --what were checked by the parser (afinar.core.validation)."""
+    layout, run_manifest = _open_manifest(args.output_dir)  # 1. run.json, with stages 02 and 03 done
+    push_access = _check_push_first(args)  # 2. token and repo: a missing token must not cost a merge
+    configure_from_manifest(run_manifest)  # 3. contrast, chat, Modelfile and card use 02's system prompt
+    if args.push_only:  # (only the upload: step 10)
+        return {"layout": layout, "push": _push(args, layout, run_manifest, push_access)}
+    record = _refuse_rerun(args, layout, run_manifest)  # 4. an export already done needs --overwrite
+    model, tokenizer = _load_tuned(args, layout, run_manifest)  # 5. base + trained adapter
+    if args.chat:  # (a conversation instead of the export)
+        return _chat(model, tokenizer, run_manifest, args.max_new_tokens, layout)
+    with overwrite.set_aside(_previous_outputs(args, layout, record)):  # 6. old export aside, back on failure
+        started = time.perf_counter()
+        contrast = run_contrast(args, layout, run_manifest, model, tokenizer)  # 7. after answers, verdict
+        del model  # 8. the GPU is the export process's now
+        free_gpu_memory()
+        export_record = _export_record(layout, contrast)
+        if not args.no_merge:  # 9. merged_16bit/ and gguf/, checked, in a process of their own
+            export_record.update(run_in_subprocess(layout, run_manifest["settings"]["base_path"], args.merge_dtype,
+                                                   _gguf_formats(args.gguf)))
+        _write_cards(layout, run_manifest, args.repo_id)  # 10. model cards, then run.json
+        export_record["seconds"] = round(time.perf_counter() - started, 1)
+        manifest.record_stage(layout, run_manifest, "export", **export_record)
+    result: dict[str, Any] = {"layout": layout, "contrast": contrast}
+    if args.push:  # 11. after the export is recorded: a failed upload must not undo it
+        result["push"] = _push(args, layout, run_manifest, push_access)
+    return result
+
+
+def _open_manifest(output_dir: str) -> tuple[OutputLayout, dict]:
+    layout = OutputLayout.at(output_dir)
     run_manifest = manifest.read(layout)
     manifest.require_stage(run_manifest, "load", layout)
     manifest.require_stage(run_manifest, "train", layout)
-    push_access = _check_push_first(args)
-    from afinar.core.prompts import configure_from_manifest
+    return layout, run_manifest
 
-    configure_from_manifest(run_manifest)  # contrast, chat, Modelfile and card use 02's system prompt
-    if not args.push_only:
-        modeling.ensure_base_path(run_manifest)
-    parts = _parts(args.what)
-    _gguf_formats(args.gguf)  # an unknown type fails here, before the model is loaded
 
-    if args.push_only:
-        return {"layout": layout, "push": _push(args, layout, run_manifest, parts, push_access)}
-
-    record = run_manifest.get("stages", {}).get("export")
-    if record and record.get("status") == "done" and not args.overwrite and not args.chat:
+def _refuse_rerun(args, layout: OutputLayout, run_manifest: dict) -> dict | None:
+    """The previous export's record (None if there is none); refused without --overwrite, except for --chat."""
+    record = manifest.finished(run_manifest, "export")
+    if record and not args.overwrite and not args.chat:
         raise UserError(
             f"La etapa 04 ya exportó en {layout.root} ({record.get('finished_at')}). Usa --overwrite para repetirla "
             f"o --push-only para volver a subir lo que ya existe."
         )
+    return record
 
-    settings = run_manifest["settings"]
+
+def _load_tuned(args, layout: OutputLayout, run_manifest: dict):
+    modeling.ensure_base_path(run_manifest)
     if args.eval_file and not args.chat:
         _eval_entries(layout, args.eval_file)  # a bad file is refused now, not after the 'after' answers
-    device = detect_device()
+    settings = run_manifest["settings"]
     print("Cargando el modelo base con el adaptador entrenado ...", flush=True)
-    model, tokenizer = modeling.build(settings, device, settings.get("precision", "fp32"), adapter_dir=layout.adapter)
+    model, tokenizer = modeling.build(settings, detect_device(), settings.get("precision", "fp32"),
+                                      adapter_dir=layout.adapter)
     model.eval()
+    return model, tokenizer
 
-    if args.chat:
-        from afinar.evaluate.generation import chat
 
-        from afinar.evaluate.generation import DEFAULT_REPETITION_PENALTY
+def _chat(model, tokenizer, run_manifest: dict, max_new_tokens: int | None, layout: OutputLayout) -> dict:
+    penalty = run_manifest.get("generation", {}).get("repetition_penalty", DEFAULT_REPETITION_PENALTY)
+    chat(model, tokenizer, max_new_tokens=max_new_tokens or 300, repetition_penalty=penalty)
+    return {"layout": layout}
 
-        penalty = run_manifest.get("generation", {}).get("repetition_penalty", DEFAULT_REPETITION_PENALTY)
-        chat(model, tokenizer, max_new_tokens=args.max_new_tokens or 300, repetition_penalty=penalty)
-        return {"layout": layout}
 
-    # A repeated export (--overwrite) moves the previous one aside and deletes it only once this one is
-    # recorded: a merge or GGUF failure halfway gives the old reports and files back.
-    # Merged and GGUF files are only replaced when this run makes new ones (not with --no-merge / --gguf none).
-    previous = [layout.answers_after, layout.contrast_json, layout.contrast_md, layout.contrast_html] if record else []
-    if record and not args.no_merge:
+def _previous_outputs(args, layout: OutputLayout, record: dict | None) -> list[Path]:
+    """What a repeated export (--overwrite) replaces: moved aside, and deleted only once this one is recorded.
+
+    Merged and GGUF files are only replaced when this run makes new ones (not with --no-merge / --gguf none).
+    """
+    if not record:
+        return []
+    previous = [layout.answers_after, layout.contrast_json, layout.contrast_md, layout.contrast_html]
+    if not args.no_merge:
         previous += [layout.merged] + ([layout.gguf_dir] if _gguf_formats(args.gguf) else [])
-    with overwrite.set_aside(previous):
-        started = time.perf_counter()
-        contrast = run_contrast(args, layout, run_manifest, model, tokenizer)
-        del model
-        free_gpu_memory()
-        result: dict[str, Any] = {"layout": layout, "contrast": contrast}
-        export_record: dict[str, Any] = {
-            "contrast": manifest.relative(layout, layout.contrast_json),
-            "report_md": manifest.relative(layout, layout.contrast_md),
-            "report_html": manifest.relative(layout, layout.contrast_html),
-            "verdict": contrast["verdict"],
-            "perplexity": contrast["perplexity"],
-        }
+    return previous
 
-        if not args.no_merge:
-            from afinar.export.export_worker import run_in_subprocess
 
-            export_record.update(run_in_subprocess(layout, settings["base_path"], args.merge_dtype,
-                                                   _gguf_formats(args.gguf)))
-
-        _write_cards(layout, run_manifest, args.repo_id)
-        export_record["seconds"] = round(time.perf_counter() - started, 1)
-        manifest.record_stage(layout, run_manifest, "export", **export_record)
-    if args.push:  # after the export is recorded: a failed upload must not undo it
-        result["push"] = _push(args, layout, run_manifest, parts, push_access)
-    return result
+def _export_record(layout: OutputLayout, contrast: dict) -> dict[str, Any]:
+    return {
+        "contrast": manifest.relative(layout, layout.contrast_json),
+        "report_md": manifest.relative(layout, layout.contrast_md),
+        "report_html": manifest.relative(layout, layout.contrast_html),
+        "verdict": contrast["verdict"],
+        "perplexity": contrast["perplexity"],
+    }
 
 
 def _write_cards(layout: OutputLayout, run_manifest: dict, repo_id: str | None) -> None:
-    from afinar.export.model_card import write_model_card
-
     contrast_md = layout.contrast_md.read_text(encoding="utf-8") if layout.contrast_md.exists() else None
     for folder, kind in ((layout.adapter, "adapter"), (layout.merged, "merged"), (layout.gguf_dir, "gguf")):
         if folder.exists():
             write_model_card(folder, kind=kind, manifest=run_manifest, contrast_md=contrast_md, repo_id=repo_id)
 
 
-def _push(args, layout: OutputLayout, run_manifest: dict, parts: tuple[str, ...], access: dict | None) -> dict:
-    from afinar.export.hub import get_token, push
-
+def _push(args, layout: OutputLayout, run_manifest: dict, access: dict | None) -> dict:
+    parts = _parts(args.what)
     print(f"Subiendo {', '.join(parts)} a {args.repo_id} ...", flush=True)
     result = push(layout, args.repo_id, get_token(), private=args.private, what=parts)
     run_manifest = manifest.read(layout)

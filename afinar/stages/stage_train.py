@@ -3,20 +3,182 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from afinar.core import checkpoints, distributed, manifest, overwrite, settings, validation
-from afinar.train import modeling
-from afinar.core.environment import detect_device
+from afinar.core.environment import DeviceInfo, detect_device
 from afinar.core.errors import UserError
 from afinar.core.layout import OutputLayout
+from afinar.core.prompts import configure_from_manifest, ensure_pad_token, tokenize_example
+from afinar.data.pipeline import PreparedData, check_only, prepare
+from afinar.train import engine, frozen_prefix, modeling, preference
+from afinar.train.training import finite_adapter, train
+
+__all__ = ["check_only", "probe_rows", "run"]  # check_only: what `03_train_model.py --check-data` runs
 
 
-def check_only(dataset_path: str) -> str:
-    from afinar.data.pipeline import check_only as _check_only
+def run(args) -> dict[str, Any]:
+    """Stage 03, step by step; barriers, overrides and special cases live inside the steps."""
+    distributed.configure_process()
+    layout, run_manifest = _open_manifest(args)  # 1. run.json, with stage 02 done and nothing to overwrite
+    resolved = _resolve_settings(args, layout, run_manifest)  # 2. 02's settings, with this run's flags on top
+    device = detect_device()
+    _check_engine(resolved, device)  # 3. a wrong --engine fails now, before the data work
+    with _fresh_outputs(args, layout, run_manifest):  # 4. old outputs aside, back in place if this run fails
+        prepared = _prepare_data(args, layout, resolved)  # 5. check, clean, hold out, mix, order, measure
+        plan, precision = _plan_engine(resolved, device, prepared)  # 6. engine, batch and precision for this data
+        model, tokenizer, prefix = _build(resolved, device, precision, layout, plan, prepared)  # 7. base + adapter
+        started = time.perf_counter()
+        metrics = _train(args, model, tokenizer, prepared, layout, resolved, plan, precision, device, prefix)  # 8.
+        if distributed.is_main_process():  # 9. adapter, run.json (rank 0 only)
+            _save(args, layout, run_manifest, resolved, model, tokenizer, prepared, metrics, started)
+    return {"layout": layout, "metrics": metrics}
 
-    return _check_only(dataset_path)
+
+# ----------------------------------------------------------------------------------------------- the steps
+
+
+def _open_manifest(args) -> tuple[OutputLayout, dict]:
+    layout = OutputLayout.at(args.output_dir)
+    run_manifest = manifest.read(layout)
+    manifest.require_stage(run_manifest, "load", layout)
+    validation.require_writable(layout.root)
+    _refuse_rerun(layout, run_manifest, args.overwrite, args.resume)
+    modeling.ensure_base_path(run_manifest)
+    configure_from_manifest(run_manifest)  # training sees the system prompt chosen in stage 02
+    return layout, run_manifest
+
+
+def _resolve_settings(args, layout: OutputLayout, run_manifest: dict) -> dict[str, Any]:
+    print("Ajustes (heredados de la etapa 02 salvo que una opción los cambie):")
+    recorded = run_manifest["settings"]
+    overrides = {key: getattr(args, key, None) for key in settings.TRAIN_KEYS}
+    resolved = {**recorded, **settings.inherit(recorded, overrides, settings.TRAIN_KEYS)}
+    _refuse_nothing_to_resume(layout, resolved, args.resume)
+    return resolved
+
+
+def _check_engine(resolved: dict, device: DeviceInfo) -> None:
+    # Re-planned in step 6 with the data's size; this first plan only refuses what can never run.
+    plan = engine.plan(resolved, device, resolved.get("engine") or "auto")
+    _refuse_unsloth_across_processes(plan.backend)
+
+
+@contextmanager
+def _fresh_outputs(args, layout: OutputLayout, run_manifest: dict) -> Iterator[None]:
+    """Everything that can be checked before reading the data has been: only now do the previous run's
+    outputs go. A fresh start moves them aside (restored if this run fails, deleted once it succeeds);
+    --resume keeps them, they are what it resumes from. The adapter is replaced atomically at the end.
+    datos/ goes too: a failed run must not leave an evaluation split that overlaps the old adapter's data."""
+    main = distributed.is_main_process()
+    aside = [layout.data_dir, layout.checkpoints, layout.metrics, layout.loss_plot] if main and not args.resume else []
+    if main:
+        run_manifest["train_in_progress"] = {"started_at": manifest.now_iso(), "overwrite": bool(args.overwrite)}
+        manifest.write(layout, run_manifest)
+    moved: list = []
+    try:
+        with overwrite.set_aside(aside) as moved:
+            distributed.barrier()  # no rank reads or writes before rank 0 has moved the old outputs
+            yield
+    except Exception:
+        # A failed run leaves the directory as it found it: the old outputs are back (set_aside), and
+        # run.json no longer says a training is under way. A kill leaves the mark, so --resume is allowed.
+        if main:
+            run_manifest.pop("train_in_progress", None)
+            manifest.write(layout, run_manifest)
+            if moved:
+                print("Se restauraron los resultados anteriores: "
+                      + ", ".join(manifest.relative(layout, p) for p in moved) + ".")
+        raise
+
+
+def _prepare_data(args, layout: OutputLayout, resolved: dict) -> PreparedData:
+    # Delayed: transformers takes seconds to import, and --check-data (which imports this module) needs none of it.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolved["base_path"], trust_remote_code=False)
+    ensure_pad_token(tokenizer)
+    prepared = prepare(
+        args.dataset, hub_specs=args.hub_dataset or (), hub_ratio=args.hub_ratio,
+        keep_duplicates=args.keep_duplicates, drop_non_spanish=args.drop_non_spanish, mix_ratio=args.mix_ratio,
+        eval_fraction=args.eval_fraction, seed=resolved["seed"], tokenizer=tokenizer,
+        max_seq_length=resolved["max_seq_length"], layout=layout if distributed.is_main_process() else None,
+    )
+    # Every rank builds the same ordered data; only rank 0 writes the report. The barrier also binds each
+    # rank to its GPU.
+    distributed.barrier()
+    return prepared
+
+
+def _plan_engine(resolved: dict, device: DeviceInfo, prepared: PreparedData) -> tuple[engine.Plan, str]:
+    plan = engine.plan(resolved, device, resolved.get("engine") or "auto",
+                       packed_rows=(prepared.summary.get("packing") or {}).get("rows"))
+    resolved.update(batch_size=plan.batch_size, packing=plan.packing)
+    precision = resolved.get("precision") or "fp32"
+    if plan.precision:
+        precision = plan.precision  # the compiled engine trains on a 16-bit base: bf16, or fp16 on a T4
+    return plan, precision
+
+
+def _build(resolved: dict, device: DeviceInfo, precision: str, layout: OutputLayout, plan: engine.Plan,
+           prepared: PreparedData):
+    """The model with the initial adapter, made ready for the plan; on a CPU with LoRA on the top layers only,
+    the frozen layers below run once per row, not once per epoch (the prefix, or None)."""
+    print("Cargando el modelo con el adaptador inicial ...", flush=True)
+    model, tokenizer = modeling.build(resolved, device, precision, adapter_dir=layout.initial_adapter, plan=plan)
+    engine.prepare_model_(model, plan, probe_rows(prepared.train, tokenizer, resolved["max_seq_length"]))
+    print(f"Motor de entrenamiento: {plan.engine} (lote {plan.batch_size}, empaquetado "
+          f"{'sí' if plan.packing else 'no'}, checkpointing {'sí' if plan.gradient_checkpointing else 'no'}"
+          f"{', FP8 en la base' if plan.fp8_base else ''})")
+    for reason in plan.reasons:
+        print(f"  {reason}")
+    prefix = frozen_prefix.attach(model) if device.kind != "cuda" else None
+    if prefix is not None:
+        print(f"Capas congeladas 0-{prefix.start - 1}: se calculan una vez por fila y se guardan; las épocas "
+              f"siguientes y las preferencias solo recorren las {model.config.num_hidden_layers - prefix.start} "
+              f"capas con LoRA.")
+    return model, tokenizer, prefix
+
+
+def _train(args, model, tokenizer, prepared: PreparedData, layout: OutputLayout, resolved: dict, plan: engine.Plan,
+           precision: str, device: DeviceInfo, prefix) -> dict[str, Any]:
+    """SFT, then preferences; refused if the adapter came out non-finite or unchanged."""
+    before = _lora_snapshot(model)
+    metrics = train(model, tokenizer, prepared.train, layout=layout, settings=resolved, precision=precision,
+                    resume=args.resume, packing=resolved["packing"],
+                    fixed_length=plan.compile_layers, open_rows=plan.open_rows,
+                    gradient_checkpointing=plan.trainer_checkpointing, eval_entries=prepared.eval,
+                    kernel_fallback=engine.kernel_fallback(model, plan))
+    metrics["engine"] = plan.as_dict()
+    metrics["preference"] = _preference_phase(model, tokenizer, prepared.train, resolved, device.kind, precision)
+    if prefix is not None:
+        metrics["frozen_prefix"] = prefix.summary()
+        frozen_prefix.detach(model)
+    if not finite_adapter(model):
+        raise UserError("El adaptador entrenado contiene NaN o infinitos: no se guarda. Baja --learning-rate.")
+    _check_it_trained(metrics, model, before, resolved["max_seq_length"])
+    return metrics
+
+
+def _save(args, layout: OutputLayout, run_manifest: dict, resolved: dict, model, tokenizer, prepared: PreparedData,
+          metrics: dict, started: float) -> None:
+    modeling.save_adapter(model, tokenizer, layout.adapter, run_manifest["model"]["base_model"])
+    run_manifest["settings"] = resolved
+    run_manifest.pop("train_in_progress", None)
+    manifest.record_stage(
+        layout, run_manifest, "train",
+        seconds=round(time.perf_counter() - started, 1), dataset=str(args.dataset), data=prepared.summary,
+        metrics=metrics, world_size=distributed.world_size(), adapter=manifest.relative(layout, layout.adapter),
+        metrics_file=manifest.relative(layout, layout.metrics),
+        loss_plot=manifest.relative(layout, layout.loss_plot) if layout.loss_plot.exists() else None,
+        eval_split=manifest.relative(layout, layout.eval_split) if layout.eval_split.exists() else None,
+    )
+    overwrite.discard_leftovers([layout.data_dir, layout.checkpoints, layout.metrics, layout.loss_plot])
+
+
+# ------------------------------------------------------------------------------------- what the steps refuse
 
 
 def _refuse_rerun(layout: OutputLayout, run_manifest: dict, overwrite: bool, resume: bool) -> None:
@@ -88,16 +250,12 @@ def _refuse_unsloth_across_processes(backend: str) -> None:
 
 def probe_rows(entries: list[dict], tokenizer, max_seq_length: int, count: int = 8) -> list[dict]:
     """The first few training examples, tokenized: the rows the FP8 check compares losses on."""
-    from afinar.core.prompts import tokenize_example
-
     return [tokenize_example(tokenizer, entry, max_seq_length) for entry in entries[:count]]
 
 
 def _preference_phase(model, tokenizer, train_entries: list[dict], resolved: dict[str, Any], device_kind: str,
                       precision: str) -> dict[str, Any]:
     """DPO after SFT on the entries that carry a misconception ('rejected'), unless --preference none."""
-    from afinar.train import preference
-
     for key in ("preference", "dpo_beta", "preference_epochs", "preference_learning_rate"):
         if resolved.get(key) is None:  # a run.json from before these settings existed
             resolved[key] = settings.default(key, device_kind)
@@ -115,130 +273,3 @@ def _preference_phase(model, tokenizer, train_entries: list[dict], resolved: dic
         model, tokenizer, train_entries, max_seq_length=resolved["max_seq_length"], beta=resolved["dpo_beta"],
         epochs=resolved["preference_epochs"], learning_rate=resolved["preference_learning_rate"],
         batch_size=8, sft_weight=1.0, seed=resolved["seed"], precision=precision, max_steps=resolved.get("max_steps"))
-
-
-def run(args) -> dict[str, Any]:
-    distributed.configure_process()
-    layout = OutputLayout.at(args.output_dir)
-    run_manifest = manifest.read(layout)
-    manifest.require_stage(run_manifest, "load", layout)
-    validation.require_writable(layout.root)
-    _refuse_rerun(layout, run_manifest, args.overwrite, args.resume)
-    modeling.ensure_base_path(run_manifest)
-    from afinar.core.prompts import configure_from_manifest
-
-    configure_from_manifest(run_manifest)  # training sees the system prompt chosen in stage 02
-
-    print("Ajustes (heredados de la etapa 02 salvo que una opción los cambie):")
-    recorded = run_manifest["settings"]
-    overrides = {key: getattr(args, key, None) for key in settings.TRAIN_KEYS}
-    resolved = {**recorded, **settings.inherit(recorded, overrides, settings.TRAIN_KEYS)}
-    _refuse_nothing_to_resume(layout, resolved, args.resume)
-    device = detect_device()
-    from afinar.train import engine
-
-    # Checked before the data work (a wrong --engine fails fast); re-planned below with the data's size.
-    plan = engine.plan(resolved, device, resolved.get("engine") or "auto")
-    _refuse_unsloth_across_processes(plan.backend)
-
-    # Everything that can be checked before reading the data has been: only now do the previous run's
-    # outputs go. A fresh start moves them aside (restored if this run fails, deleted once it succeeds);
-    # --resume keeps them, they are what it resumes from. The adapter is replaced atomically at the end.
-    # datos/ goes too: a failed run must not leave an evaluation split that overlaps the old adapter's data.
-    main = distributed.is_main_process()
-    aside = [layout.data_dir, layout.checkpoints, layout.metrics, layout.loss_plot] if main and not args.resume else []
-    if main:
-        run_manifest["train_in_progress"] = {"started_at": manifest.now_iso(), "overwrite": bool(args.overwrite)}
-        manifest.write(layout, run_manifest)
-    moved: list = []
-    try:
-        with overwrite.set_aside(aside) as moved:
-            distributed.barrier()  # no rank reads or writes before rank 0 has moved the old outputs
-            return _prepare_and_train(args, layout, run_manifest, resolved, device, main)
-    except Exception:
-        # A failed run leaves the directory as it found it: the old outputs are back (set_aside), and
-        # run.json no longer says a training is under way. A kill leaves the mark, so --resume is allowed.
-        if main:
-            run_manifest.pop("train_in_progress", None)
-            manifest.write(layout, run_manifest)
-            if moved:
-                print("Se restauraron los resultados anteriores: "
-                      + ", ".join(manifest.relative(layout, p) for p in moved) + ".")
-        raise
-
-
-def _prepare_and_train(args, layout: OutputLayout, run_manifest: dict, resolved: dict, device,
-                       main: bool) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
-    from afinar.train import engine
-    from afinar.data.pipeline import prepare
-    from afinar.core.prompts import ensure_pad_token
-
-    tokenizer = AutoTokenizer.from_pretrained(resolved["base_path"], trust_remote_code=False)
-    ensure_pad_token(tokenizer)
-    prepared = prepare(
-        args.dataset, hub_specs=args.hub_dataset or (), hub_ratio=args.hub_ratio,
-        keep_duplicates=args.keep_duplicates, drop_non_spanish=args.drop_non_spanish, mix_ratio=args.mix_ratio,
-        eval_fraction=args.eval_fraction, seed=resolved["seed"], tokenizer=tokenizer,
-        max_seq_length=resolved["max_seq_length"], layout=layout if distributed.is_main_process() else None,
-    )
-    # Every rank builds the same ordered data; only rank 0 writes the report. The barrier also binds each
-    # rank to its GPU.
-    distributed.barrier()
-
-    plan = engine.plan(resolved, device, resolved.get("engine") or "auto",
-                       packed_rows=(prepared.summary.get("packing") or {}).get("rows"))
-    resolved.update(batch_size=plan.batch_size, packing=plan.packing)
-    precision = resolved.get("precision") or "fp32"
-    if plan.precision:
-        precision = plan.precision  # the compiled engine trains on a 16-bit base: bf16, or fp16 on a T4
-    print("Cargando el modelo con el adaptador inicial ...", flush=True)
-    model, tokenizer = modeling.build(resolved, device, precision, adapter_dir=layout.initial_adapter, plan=plan)
-    engine.prepare_model_(model, plan, probe_rows(prepared.train, tokenizer, resolved["max_seq_length"]))
-    print(f"Motor de entrenamiento: {plan.engine} (lote {plan.batch_size}, empaquetado "
-          f"{'sí' if plan.packing else 'no'}, checkpointing {'sí' if plan.gradient_checkpointing else 'no'}"
-          f"{', FP8 en la base' if plan.fp8_base else ''})")
-    for reason in plan.reasons:
-        print(f"  {reason}")
-
-    from afinar.train import frozen_prefix
-    from afinar.train.training import finite_adapter, train
-
-    # On a CPU with LoRA on the top layers only, the frozen layers below run once per row, not once per epoch.
-    prefix = frozen_prefix.attach(model) if device.kind != "cuda" else None
-    if prefix is not None:
-        print(f"Capas congeladas 0-{prefix.start - 1}: se calculan una vez por fila y se guardan; las épocas "
-              f"siguientes y las preferencias solo recorren las {model.config.num_hidden_layers - prefix.start} "
-              f"capas con LoRA.")
-    before = _lora_snapshot(model)
-    started = time.perf_counter()
-    metrics = train(model, tokenizer, prepared.train, layout=layout, settings=resolved, precision=precision,
-                    resume=args.resume, packing=resolved["packing"],
-                    fixed_length=plan.compile_layers, open_rows=plan.open_rows,
-                    gradient_checkpointing=plan.trainer_checkpointing, eval_entries=prepared.eval,
-                    kernel_fallback=engine.kernel_fallback(model, plan))
-    metrics["engine"] = plan.as_dict()
-    metrics["preference"] = _preference_phase(model, tokenizer, prepared.train, resolved, device.kind, precision)
-    if prefix is not None:
-        metrics["frozen_prefix"] = prefix.summary()
-        frozen_prefix.detach(model)
-    if not finite_adapter(model):
-        raise UserError("El adaptador entrenado contiene NaN o infinitos: no se guarda. Baja --learning-rate.")
-    _check_it_trained(metrics, model, before, resolved["max_seq_length"])
-    if not main:
-        return {"layout": layout, "metrics": metrics}
-    modeling.save_adapter(model, tokenizer, layout.adapter, run_manifest["model"]["base_model"])
-
-    run_manifest["settings"] = resolved
-    run_manifest.pop("train_in_progress", None)
-    manifest.record_stage(
-        layout, run_manifest, "train",
-        seconds=round(time.perf_counter() - started, 1), dataset=str(args.dataset), data=prepared.summary,
-        metrics=metrics, world_size=distributed.world_size(), adapter=manifest.relative(layout, layout.adapter),
-        metrics_file=manifest.relative(layout, layout.metrics),
-        loss_plot=manifest.relative(layout, layout.loss_plot) if layout.loss_plot.exists() else None,
-        eval_split=manifest.relative(layout, layout.eval_split) if layout.eval_split.exists() else None,
-    )
-    overwrite.discard_leftovers([layout.data_dir, layout.checkpoints, layout.metrics, layout.loss_plot])
-    return {"layout": layout, "metrics": metrics}
