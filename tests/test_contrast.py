@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from afinar.evaluate.contrast import (
-    build_contrast, keyword_coverage, load_answers, repeated_3gram_ratio, spanish_ratio, words,
-)
+from afinar.evaluate.contrast import build_contrast, load_answers, repeated_3gram_ratio
+from afinar.evaluate.keywords import keyword_coverage
+from afinar.evaluate.language import spanish_ratio, words
 from afinar.core.embedded import ensure_checkpoint
 from afinar.core.errors import UserError
 from afinar.evaluate.perplexity import perplexity, response_nll

@@ -17,10 +17,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from afinar.export import gguf_export
+from afinar.export import gguf_export, verify
 from afinar.core.embedded import ensure_checkpoint
 from afinar.core.errors import UserError
-from afinar.export.merge import compare_logits, compute_logits, merge_adapter, verification_inputs
+from afinar.export.merge import merge_adapter
+from afinar.export.verify import compare_logits, compute_logits, verification_inputs
 from afinar.export.modelfile import detect_family, ollama_template, write_modelfile
 from afinar.core.prompts import SYSTEM_PROMPT, messages_for
 
@@ -331,7 +332,7 @@ def test_refuses_bad_requests_with_spanish_errors(tmp_path, monkeypatch):
         gguf_export.export_gguf(folder, tmp_path / "gguf", ("q4_k",))
     with pytest.raises(UserError, match="fusión del adaptador"):
         gguf_export.export_gguf(tmp_path / "nothing", tmp_path / "gguf")
-    monkeypatch.setattr(gguf_export, "SPACE_MARGIN", 1e15)
+    monkeypatch.setattr(verify, "SPACE_MARGIN", 1e15)
     with pytest.raises(UserError, match="No hay espacio en disco"):
         gguf_export.export_gguf(folder, tmp_path / "gguf")
     assert not (tmp_path / "gguf").exists()

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from afinar.export import merge
+from afinar.export import merge, verify
 from afinar.core.embedded import ensure_checkpoint
 from afinar.core.errors import UserError
 
@@ -190,12 +190,12 @@ def test_tiny_merge_replaces_previous_output(tiny, tmp_path):
 
 def test_not_enough_disk_space_is_a_spanish_error(tiny, tmp_path, monkeypatch):
     base, adapter = tiny
-    monkeypatch.setattr(merge, "SPACE_MARGIN", 1e12)  # ask for far more than any disk has
+    monkeypatch.setattr(verify, "SPACE_MARGIN", 1e12)  # ask for far more than any disk has
     with pytest.raises(UserError, match="No hay espacio en disco"):
         merge.merge_adapter(base, adapter, tmp_path / "merged", dtype="bfloat16")
     assert not (tmp_path / "merged").exists()
     with pytest.raises(UserError, match="hacen falta"):
-        merge.ensure_free_space(tmp_path / "a" / "b", 2**62, "una prueba")
+        verify.ensure_free_space(tmp_path / "a" / "b", 2**62, "una prueba")
 
 
 def test_adapter_for_another_model_is_a_user_error(tiny, tmp_path):

@@ -242,56 +242,6 @@ def parameters_cell(resolved: list[ResolvedParam], repo_url: str) -> str:
 TRY_QUESTION = "¿Por qué las mitocondrias tienen su propio ADN?"
 
 
-HELPERS_CELL = '''\
-import codecs
-import os
-import shlex
-import signal
-import subprocess
-import sys
-
-
-class StageFailed(Exception):
-    """A stage ended with an error; its own message is already printed above, so no traceback."""
-
-    def _render_traceback_(self):  # IPython shows these lines instead of a traceback
-        return [f"ERROR: {self}"]
-
-
-def flags(*pairs):
-    """Command-line flags from (flag, value) pairs: None and False are left out, True is a bare flag."""
-    argv = []
-    for flag, value in pairs:
-        if value is None or value is False or value == "":
-            continue
-        argv += [flag] if value is True else [flag, str(value)]
-    return argv
-
-
-def run_stage(script, *args, env=None):
-    """Run one stage as its own process, showing its output (progress bars included) as it arrives."""
-    program = ["bash"] if script.endswith(".sh") else [sys.executable, "-u"]
-    print("$", "bash" if script.endswith(".sh") else "python", shlex.join([script, *args]), flush=True)
-    # MPLBACKEND: the kernel's inline backend means nothing to a plain Python process.
-    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHON": sys.executable, "MPLBACKEND": "Agg",
-                 **(env or {})}
-    process = subprocess.Popen([*program, script, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env=child_env)
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    try:
-        # Raw chunks, not lines: progress bars redraw themselves with "\\r" and never end a line.
-        while chunk := process.stdout.read1(65536):
-            sys.stdout.write(decoder.decode(chunk))
-            sys.stdout.flush()
-        code = process.wait()
-    except KeyboardInterrupt:
-        process.send_signal(signal.SIGINT)  # the stage stops cleanly and keeps its last checkpoint
-        process.wait()
-        raise
-    if code != 0:
-        raise StageFailed(f"{script} terminó con el código {code}; el motivo está en los mensajes de arriba.")
-'''
-
 PROJECT_CALL = """
 
 PROJECT_DIR = open_project(REPO_URL, PROJECT_DRIVE_DIR, WORK_DIR)
@@ -326,54 +276,13 @@ def project_cell() -> str:
 
 SETUP_CELL = 'run_stage("01_setup.sh")\n'
 
-PUSH_CELL = '''\
-def colab_secret(name):
-    from google.colab import userdata
-
-    try:
-        return userdata.get(name)
-    except Exception as err:  # no such secret, or the notebook was not given access to it
-        raise StageFailed(f"No se pudo leer el secreto {name} de Colab ({type(err).__name__}): créalo en el "
-                          f"panel 🔑 con ese nombre y activa «Acceso del cuaderno».") from None
+def push_cell(resolved: list[ResolvedParam]) -> str:
+    # push_to_hub comes from the helpers cell (tools/colab_cells/auxiliares.py); it reads the token only if PUSH.
+    return f"push_to_hub(PUSH, flags(\n{flag_pairs(resolved, PUSH, '    ')}\n))\n"
 
 
-def push_to_hub():
-    if not PUSH:
-        print("PUSH = False: no se sube nada. Para publicar, sigue los pasos de arriba y pon PUSH = True.")
-        return
-    # The token goes only into the environment of this one child process: never printed, never a
-    # notebook variable, never on a command line. Outside Colab, HF_TOKEN comes from the environment.
-    env = {"HF_TOKEN": colab_secret("HF_TOKEN")} if "google.colab" in sys.modules else None
-    run_stage("04_inference_and_export.py", "--push-only", *flags(
-{push_flags}
-    ), env=env)
-
-
-push_to_hub()
-'''
-
-RESULTS_CELL = '''\
-import html
-
-from IPython.display import Image, display
-
-from afinar.core.layout import OutputLayout
-
-layout = OutputLayout.at(OUTPUT_DIR)
-if layout.contrast_html.exists():
-    report = layout.contrast_html.read_text(encoding="utf-8")
-    # Inside an iframe: the report is a whole page with its own styles, which must not restyle the notebook.
-    frame = f'<iframe srcdoc="{html.escape(report, quote=True)}" style="width:100%;height:720px;border:0"></iframe>'
-    display({"text/html": frame}, raw=True)
-    print("Informe:", layout.contrast_html, "y", layout.contrast_md)
-else:
-    print(f"Todavía no hay informe de contraste en {layout.contrast_html}: ejecuta la etapa 04.")
-if layout.loss_plot.exists():
-    display(Image(filename=str(layout.loss_plot)))
-else:
-    print(f"No hay curva de pérdida en {layout.loss_plot}: el entrenamiento no registró ningún paso "
-          f"(ejecuta la etapa 03; con muy pocos pasos, baja LOGGING_STEPS).")
-'''
+def results_cell() -> str:
+    return cell_file("resultados.py") + "\n\nshow_results(OUTPUT_DIR)\n"
 
 
 STEP_OF = {"02": "load", "03": "train", "04": "export"}
@@ -505,7 +414,7 @@ def build_notebook(repo_url: str | None = None):
         v4.new_markdown_cell(INTRO.replace("{stages}", stages_list), id="intro"),
         v4.new_code_cell(parameters_cell(resolved, url), id="parametros"),
         v4.new_markdown_cell(HELPERS_MD, id="auxiliares-md"),
-        v4.new_code_cell(HELPERS_CELL.rstrip("\n"), id="auxiliares"),
+        v4.new_code_cell(cell_file("auxiliares.py").rstrip("\n"), id="auxiliares"),
         v4.new_markdown_cell(PROJECT_MD, id="proyecto-md"),
         v4.new_code_cell(project_cell().rstrip("\n"), id="proyecto"),
         v4.new_markdown_cell(SETUP_MD, id="entorno-md"),
@@ -518,10 +427,9 @@ def build_notebook(repo_url: str | None = None):
     # everything else before it does.
     cells += [
         v4.new_markdown_cell(RESULTS_MD, id="resultados-md"),
-        v4.new_code_cell(RESULTS_CELL.rstrip("\n"), id="resultados"),
+        v4.new_code_cell(results_cell().rstrip("\n"), id="resultados"),
         v4.new_markdown_cell(SECRET_MD, id="subida-md"),
-        v4.new_code_cell(PUSH_CELL.replace("{push_flags}", flag_pairs(resolved, PUSH, "        ")).rstrip("\n"),
-                         id="subida"),
+        v4.new_code_cell(push_cell(resolved).rstrip("\n"), id="subida"),
         v4.new_markdown_cell(TRY_MD, id="prueba-md"),
         v4.new_code_cell(TRY_CELL.rstrip("\n"), id="prueba"),
     ]

@@ -2,9 +2,10 @@
 
 Metrics of one answer:
 - ended_with_eos: the model stopped on its own before the token limit (a model that never stops loops).
-- spanish_ratio: share of its words in Spanish (see `spanish_ratio` for the method).
+- spanish_ratio: share of its words in Spanish (afinar.evaluate.language says how).
 - repeated_3gram_ratio: share of its word 3-grams that repeat an earlier one (catches loops).
-- keyword_coverage: share of the question's keywords it mentions (None when the question has none).
+- keyword_coverage: share of the question's keywords it mentions (None when the question has none;
+  afinar.evaluate.keywords).
 - fact: for questions with a `hecho`, whether the answer states the corrected fact and not the old error
   (afinar.evaluate.facts); unlike keyword coverage, a right word inside a wrong sentence does not count.
 Besides the answers, the misconception probe (afinar.evaluate.probe) and the held-out perplexity enter the verdict.
@@ -14,13 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
-import unicodedata
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
 from afinar.core.errors import UserError
+from afinar.evaluate import facts
+from afinar.evaluate.keywords import keyword_coverage
+from afinar.evaluate.language import spanish_ratio, spanish_word_count, words
 from afinar.evaluate.questions import question_text
 
 # Thresholds of the verdict.
@@ -28,92 +29,7 @@ MIN_SPANISH_RATIO = 0.95  # aggregate over all words of the "after" answers
 MAX_REPEATED_3GRAM_RATIO = 0.10  # per answer: a tenth of repeated 3-grams is already a visible loop
 MIN_KEYWORD_COVERAGE = 0.5  # mean over the questions that have keywords: at least half of the key terms
 
-# py3langid is restricted to Spanish and the languages a small model drifts into (English above all). Catalan
-# and Galician are left out on purpose: on short Spanish sentences they win by a hair and would count correct
-# Spanish as foreign, and a model trained on Spanish does not drift into them.
-LANGUAGES = ("es", "en", "pt", "fr", "it", "de")
-SPANISH = "es"
-# A segment is Spanish unless another language is at least this many times more probable. Spanish science
-# prose shares its Latin vocabulary with Portuguese and Italian: on the project's 500 Spanish texts py3langid
-# put such a language first in 19 segments, never by more than 4.1x, while every segment of English,
-# Portuguese, Italian and French test paragraphs beat Spanish by 24x or more.
-SPANISH_MARGIN = 10.0
-MIN_LANGID_WORDS = 3  # below this py3langid guesses (e.g. "No" -> Galician); the word-list heuristic decides
-MAX_SEGMENT_WORDS = 12  # long sentences are cut into pieces so a switch of language mid-sentence is seen
-
-_WORD = re.compile(r"[^\W\d_]+(?:['’\-][^\W\d_]+)*")
-_SENTENCE_BREAK = re.compile(r"[.!?;:\n…]+")
-_SPANISH_MARKS = set("áéíóúñü¿¡")
-
-# Frequent function words of one language only (words both languages use, such as "no", "a", "me" or "he",
-# are left out so they do not vote).
-_SPANISH_WORDS = frozenset(
-    "el la los las del al un una unos unas y o u que de en es son está están fue ser por para con sin sobre "
-    "entre hasta desde pero porque como cuando donde también muy más menos sus su se lo le les ya esto esta "
-    "este estos estas eso esa ese otro otra otros otras cada todo toda todos todas hay tiene tienen puede "
-    "pueden sí qué cómo cuál cuáles dónde cuándo mucho poco".split()
-)
-# Spanish words that the Romance neighbours in LANGUAGES lack ("y" is left out: French has "il y a").
-_SPANISH_ONLY_WORDS = frozenset("el los las está están también hay muy pero aquí así".split())
-_ENGLISH_WORDS = frozenset(
-    "the of and or is are was were be been being this that these those with without from for by to into "
-    "what which who whom whose when where why how it its they them their there here has have had can could "
-    "would should will not yes do does did an at on as than then also very more most such some any each".split()
-)
-
-
 # ---------------------------------------------------------------------------------------------- word metrics
-
-
-def words(text: str) -> list[str]:
-    """Words made of letters (digits, symbols and punctuation are not words)."""
-    return _WORD.findall(text or "")
-
-
-def spanish_ratio(text: str) -> float:
-    """Share of the words of `text` that belong to Spanish segments (0.0 for a text without words).
-
-    Language identification of a single word is unreliable ("ADN", "célula" and "No" are all guessed as
-    other languages), so the text is cut into segments: sentences, and long sentences into pieces of at most
-    MAX_SEGMENT_WORDS words.
-    - A segment of MIN_LANGID_WORDS words or more goes to py3langid, restricted to LANGUAGES. If it prefers
-      another language, the segment still counts as Spanish when it has a word only Spanish has ("el",
-      "los", "-ción"...) and that language is not English, or when that language is less than SPANISH_MARGIN
-      times more probable than Spanish.
-    - A shorter segment is judged by word lists: Spanish-only function words, accents, ñ, ¿ ¡ against
-      English-only function words.
-    - A segment with no evidence either way (a lone term such as "ATP") takes the language of the nearest
-      decided segment; if none is decided, py3langid judges the whole text, and a text of fewer than
-      MIN_LANGID_WORDS words with no evidence counts as Spanish.
-    Every word of a Spanish segment counts as Spanish.
-    """
-    segments = language_segments(text)
-    total = sum(len(seg_words) for seg_words, _ in segments)
-    if total == 0:
-        return 0.0
-    return sum(len(seg_words) for seg_words, lang in segments if lang == SPANISH) / total
-
-
-def spanish_word_count(text: str) -> tuple[int, int]:
-    """(Spanish words, all words) of `text`, for word-weighted aggregates."""
-    segments = language_segments(text)
-    spanish = sum(len(w) for w, lang in segments if lang == SPANISH)
-    return spanish, sum(len(w) for w, _ in segments)
-
-
-def language_segments(text: str) -> list[tuple[list[str], str]]:
-    """[(words of the segment, language code)] in text order."""
-    pieces = [piece for sentence in _SENTENCE_BREAK.split(text or "") for piece in _split_long(sentence)]
-    decided: list[tuple[list[str], str | None]] = [(piece, _segment_language(piece)) for piece in pieces]
-    if not decided:
-        return []
-    if all(lang is None for _, lang in decided):
-        all_words = [w for piece, _ in decided for w in piece]
-        # Too short to show any language (a lone "ATP" or "Mitocondria"): not held against the answer.
-        whole = _identified_language(all_words) if len(all_words) >= MIN_LANGID_WORDS else SPANISH
-        return [(piece, whole) for piece, _ in decided]
-    return [(piece, lang if lang is not None else _nearest_language(decided, i))
-            for i, (piece, lang) in enumerate(decided)]
 
 
 def repeated_3gram_ratio(text: str) -> float:
@@ -131,24 +47,8 @@ def repeated_3gram_ratio(text: str) -> float:
     return repeats / len(grams)
 
 
-def keyword_coverage(text: str, keywords: Sequence[str]) -> float | None:
-    """Share of `keywords` found in `text`, ignoring case and accents; None when there are no keywords.
-
-    A keyword word matches an answer word that starts with its stem (plural and final vowel dropped, so
-    "mitocondria" finds "mitocondrias" and "mitocondrial"); words of up to three letters ("ADN", "ATP", "de")
-    must match whole. A keyword of several words must appear as consecutive words.
-    """
-    if not keywords:
-        return None
-    answer = [_fold(w) for w in words(text)]
-    found = sum(1 for keyword in keywords if _contains(answer, [_fold(w) for w in words(keyword)]))
-    return found / len(keywords)
-
-
 def answer_metrics(text: str, ended_with_eos: bool, keywords: Sequence[str],
                    fact: dict[str, Any] | None = None) -> dict[str, Any]:
-    from afinar.evaluate import facts
-
     return {
         "text": text,
         "ended_with_eos": bool(ended_with_eos),
@@ -256,108 +156,6 @@ def load_answers(path: str | Path) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-
-
-@lru_cache(maxsize=1)
-def _identifier():
-    from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-    identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-    identifier.set_languages(list(LANGUAGES))
-    return identifier
-
-
-def _split_long(sentence: str) -> list[list[str]]:
-    found = words(sentence)
-    if not found:
-        return []
-    pieces = math.ceil(len(found) / MAX_SEGMENT_WORDS)
-    size = math.ceil(len(found) / pieces)
-    return [found[i:i + size] for i in range(0, len(found), size)]
-
-
-def _segment_language(segment: list[str]) -> str | None:
-    if len(segment) >= MIN_LANGID_WORDS:
-        return _identified_language(segment)
-    return _heuristic_language(segment)
-
-
-def _identified_language(segment: list[str]) -> str:
-    ranked = _identifier().rank(" ".join(segment))
-    best, best_probability = ranked[0]
-    if best == SPANISH:
-        return SPANISH
-    if best != "en" and _has_spanish_only_marker(segment):
-        return SPANISH
-    if best_probability >= SPANISH_MARGIN * dict(ranked)[SPANISH]:
-        return best
-    return SPANISH
-
-
-def _has_spanish_only_marker(segment: list[str]) -> bool:
-    """Articles, words and spellings that Portuguese, Italian and French do not have."""
-    for word in segment:
-        lowered = word.casefold()
-        if lowered in _SPANISH_ONLY_WORDS or lowered.endswith(("ción", "ciones")) or set(lowered) & set("ñ¿¡"):
-            return True
-    return False
-
-
-def _heuristic_language(segment: list[str]) -> str | None:
-    lowered = [w.casefold() for w in segment]
-    spanish = sum(1 for w in lowered if w in _SPANISH_WORDS or _SPANISH_MARKS & set(w))
-    english = sum(1 for w in lowered if w in _ENGLISH_WORDS)
-    if spanish > english:
-        return SPANISH
-    if english > spanish:
-        return "en"
-    return None
-
-
-def _nearest_language(decided: list[tuple[list[str], str | None]], index: int) -> str:
-    for distance in range(1, len(decided)):
-        for j in (index - distance, index + distance):
-            if 0 <= j < len(decided) and decided[j][1] is not None:
-                return decided[j][1]  # type: ignore[return-value]
-    raise AssertionError("unreachable: at least one segment is decided")
-
-
-def _fold(word: str) -> str:
-    decomposed = unicodedata.normalize("NFD", word.casefold())
-    # Keep ñ distinct from n ("año" is not "ano"); drop every other accent.
-    kept = []
-    for char in decomposed:
-        if unicodedata.combining(char) and not (char == "\u0303" and kept and kept[-1] == "n"):
-            continue
-        kept.append(char)
-    return unicodedata.normalize("NFC", "".join(kept))
-
-
-def _stem(word: str) -> str:
-    if len(word) <= 3:
-        return word
-    stem = word
-    if stem.endswith("es") and len(stem) > 5:
-        stem = stem[:-2]
-    elif stem.endswith("s") and len(stem) > 4:
-        stem = stem[:-1]
-    if stem[-1] in "aeo" and len(stem) > 4:
-        stem = stem[:-1]
-    return stem
-
-
-def _word_matches(answer_word: str, keyword_word: str) -> bool:
-    if len(keyword_word) <= 3:
-        return answer_word == keyword_word
-    return answer_word.startswith(_stem(keyword_word))
-
-
-def _contains(answer: list[str], keyword: list[str]) -> bool:
-    if not keyword:
-        return False
-    width = len(keyword)
-    return any(all(_word_matches(answer[start + k], keyword[k]) for k in range(width))
-               for start in range(len(answer) - width + 1))
 
 
 def _check_rows_match(questions: Sequence[Any], rows: Sequence[dict[str, Any]], label: str) -> None:

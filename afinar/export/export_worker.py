@@ -47,8 +47,9 @@ def export(layout: OutputLayout, base_path: str, merge_dtype: str, formats: list
 def run_in_subprocess(layout: OutputLayout, base_path: str, merge_dtype: str, formats: list[str]) -> dict:
     result_file = layout.root / ".export_result.json"
     result_file.unlink(missing_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "afinar.export.export_worker", "--output-dir", str(layout.root),
-                           "--base-path", base_path, "--merge-dtype", merge_dtype, "--gguf", ",".join(formats) or "none",
+    proc = subprocess.run([sys.executable, "-m", "afinar.export.export_worker",
+                           "--output-dir", str(layout.root), "--base-path", base_path, "--merge-dtype", merge_dtype,
+                           "--gguf", ",".join(formats) or "none",
                            "--result", str(result_file)], cwd=Path(__file__).resolve().parents[2])
     if proc.returncode == 2:
         raise UserError("La exportación se detuvo (el mensaje está arriba); los archivos anteriores siguen intactos.")

@@ -8,7 +8,6 @@ Each merge is checked against the unmerged PEFT model in fp32 before it replaces
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -17,15 +16,7 @@ from typing import Any, Iterable
 from afinar.core import atomic, settings
 from afinar.core.errors import UserError
 from afinar.core.models import free_gpu_memory
-from afinar.core.prompts import prompt_ids
-
-# Fixed Spanish questions of the project's domain: the check reads the model exactly as it will be asked.
-VERIFY_QUESTIONS = (
-    "¿Qué es la fotosíntesis y dónde ocurre?",
-    "Explica la función de las mitocondrias en la célula eucariota.",
-    "¿En qué se diferencian la mitosis y la meiosis?",
-    "Describe brevemente cómo actúa una enzima sobre su sustrato.",
-)
+from afinar.export import verify
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -41,7 +32,6 @@ DEFAULT_TOLERANCE = {"bfloat16": 0.15, "float16": 0.03, "float32": 2e-4}
 MIN_TOP1_AGREEMENT = {"bfloat16": 0.90, "float16": 0.95, "float32": 0.99}
 
 BYTES_PER_PARAM = {"bfloat16": 2, "float16": 2, "float32": 4}
-SPACE_MARGIN = 1.1
 
 _BNB_AUX_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 
@@ -136,75 +126,6 @@ def count_parameters(config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def ensure_free_space(target: Path, needed_bytes: int, what: str) -> None:
-    """Raise a Spanish UserError if the filesystem holding `target` lacks `needed_bytes`."""
-    probe = Path(target).absolute()
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed_bytes:
-        raise UserError(
-            f"No hay espacio en disco para {what} en {target}: hacen falta unos {_gib(needed_bytes)} y "
-            f"solo quedan {_gib(free)} libres en {probe}. Libera espacio o usa otro --output-dir."
-        )
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
-# ------------------------------------------------------------------------------------ logits compare
-
-
-def verification_inputs(tokenizer, questions: Iterable[str] | None = None) -> list[list[int]]:
-    """Token ids of each question as the model reads it: system prompt + chat template + assistant header."""
-    questions = list(questions) if questions is not None else list(VERIFY_QUESTIONS)
-    if not questions:
-        raise UserError("La lista de preguntas de verificación está vacía.")
-    if getattr(tokenizer, "chat_template", None):
-        return [prompt_ids(tokenizer, {"instruction": q}) for q in questions]
-    return [tokenizer(q)["input_ids"] for q in questions]
-
-
-def compute_logits(model, inputs: list[list[int]]):
-    """Logits of every real position of every prompt, in fp32, stacked into one [positions, vocab] tensor.
-
-    One right-padded batch: a causal model never lets a real token see the padding after it, and one
-    large matrix product is several times faster on a CPU than one per prompt.
-    """
-    import torch
-
-    longest = max(len(ids) for ids in inputs)
-    input_ids = torch.zeros((len(inputs), longest), dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for row, ids in enumerate(inputs):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention[row, : len(ids)] = 1
-    with torch.inference_mode():
-        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits
-    return torch.cat([logits[row, : len(ids)].float().cpu() for row, ids in enumerate(inputs)], dim=0)
-
-
-def compare_logits(reference, candidate) -> dict[str, Any]:
-    """Distances that make sense for any model: absolute, relative to the logit spread, and top-1."""
-    if reference.shape != candidate.shape:
-        raise UserError(
-            f"Las salidas no son comparables: el modelo de referencia da {tuple(reference.shape)} y el "
-            f"exportado {tuple(candidate.shape)} (¿vocabulario distinto?)."
-        )
-    diff = (reference - candidate).abs()
-    std = float(reference.std())
-    max_abs = float(diff.max())
-    return {
-        "max_abs_logit_diff": max_abs,
-        "mean_abs_logit_diff": float(diff.mean()),
-        "logit_std": std,
-        "relative_max_diff": max_abs / std if std > 0 else float("inf"),
-        "top1_agreement": float((reference.argmax(-1) == candidate.argmax(-1)).float().mean()),
-        "positions": int(reference.shape[0]),
-    }
-
-
 # --------------------------------------------------------------------------------------------- merge
 
 
@@ -241,8 +162,8 @@ def merge_adapter(
     config = AutoConfig.from_pretrained(base_path)
     n_params = count_parameters(config)
     tokenizer = _load_tokenizer(adapter_path, base_path)
-    needed = int(n_params * BYTES_PER_PARAM[dtype] * SPACE_MARGIN) + _tokenizer_bytes(tokenizer)
-    ensure_free_space(out_dir.parent, needed, "el modelo fusionado")
+    needed = int(n_params * BYTES_PER_PARAM[dtype] * verify.SPACE_MARGIN) + _tokenizer_bytes(tokenizer)
+    verify.ensure_free_space(out_dir.parent, needed, "el modelo fusionado")
 
     warning = None
     if merged_onto == "dequantized_4bit":
@@ -259,8 +180,8 @@ def merge_adapter(
 
     _progress(started, "aplicando el adaptador y calculando los logits de referencia")
     peft_model = _attach_adapter(base, adapter_path)
-    inputs = verification_inputs(tokenizer, prompts)
-    reference = compute_logits(peft_model, inputs)
+    inputs = verify.verification_inputs(tokenizer, prompts)
+    reference = verify.compute_logits(peft_model, inputs)
 
     # PEFT adds scale·B@A to each fp32 weight in place; the one cast to 16 bits comes after.
     _progress(started, "sumando los pesos LoRA a la base")
@@ -448,7 +369,7 @@ def _verify_saved(folder: Path, inputs, reference, tied: bool, dtype: str) -> di
             model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
             and "lm_head.weight" not in keys
         )
-    result = compare_logits(reference, compute_logits(model, inputs))
+    result = verify.compare_logits(reference, verify.compute_logits(model, inputs))
     result.update({"stored_dtypes": sorted(stored_dtypes), "tied_embeddings_kept": tied_ok, "prompts": len(inputs)})
     return result
 
