@@ -5,7 +5,8 @@ Map of the package (one line per group; each module's docstring says the rest):
     core/      what every stage shares
                settings (defaults, inheritance) · validation (ranges) · cli (parser pieces) · manifest (run.json)
                layout (paths in the output dir) · atomic (writes) · errors · prompts (the one chat format)
-               environment (device, precision) · embedded (SmolLM2) · overwrite · checkpoints · distributed · doctor
+               environment (device, precision) · embedded (SmolLM2) · overwrite · checkpoints · distributed
+               doctor · models (unwrap PEFT, device, free GPU memory) · redaction (secrets out of messages)
     data/      the training data
                pipeline (what stage 03 calls) · data_check (read, validate) · data_clean (duplicates, language)
                data_mix (order, held-out split) · data_measure (token lengths, report) · hub_datasets
@@ -15,9 +16,11 @@ Map of the package (one line per group; each module's docstring says the rest):
                packing · fp8 · frozen_prefix
     evaluate/  answering and judging
                decoding (greedy loop) · generation (contrast answers, chat) · contrast (metrics, verdict) · facts
-               probe + logprobs (misconception probe) · perplexity · questions · report (informe.md/.html)
+               language (Spanish or not) · keywords · probe + logprobs (misconception probe) · perplexity
+               questions · report (informe.md/.html)
     export/    what leaves the output dir
-               merge (16 bits) · gguf_export + kquants · modelfile (Ollama) · model_card · hub (push) · export_worker
+               merge (16 bits) · gguf_export + kquants (writer) · gguf_check (read back, compare) · verify (logit
+               check, disk space) · modelfile (Ollama) · model_card · hub (push) · export_worker
     stages/    the scripts' bodies: stage_load (02) · stage_train (03) · stage_export (04) · distill_cli (00)
                colab + tryout (the notebook's helpers)
 """

@@ -49,6 +49,19 @@ SMALL_QUESTIONS = [
 ]
 
 
+def small_inputs(work: Path, entries: int = 24) -> tuple[Path, Path]:
+    """(questions file with SMALL_QUESTIONS, dataset of the first `entries` entries of tu_dataset.json) in `work`:
+    what the notebook runs train on, a few steps instead of the whole demo."""
+    import json
+
+    questions = work / "preguntas.json"
+    questions.write_text(json.dumps(SMALL_QUESTIONS, ensure_ascii=False), encoding="utf-8")
+    dataset = work / "datos.json"
+    rows = json.loads((ROOT / "tu_dataset.json").read_text(encoding="utf-8"))[:entries]
+    dataset.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return questions, dataset
+
+
 def small_probe(path: Path, pairs: int = 2) -> Path:
     """The first pairs of the project's misconception probe. Stage 04 scores every pair twice (adapter off and
     on): the 35 pairs of sondas_errores.json are ~18,000 tokens of forward passes per 04, which tests that do not

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SMALL_QUESTIONS, small_probe
+from conftest import ROOT, small_inputs, small_probe
 
 NOTEBOOK = ROOT / "colab.ipynb"
 TOKEN = "hf_COLABplantedTOKEN0123456789abcdefXYZ"
@@ -117,11 +117,7 @@ def executed(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("colab")
     out = work / "salida"
-    questions = work / "preguntas.json"
-    questions.write_text(json.dumps(SMALL_QUESTIONS, ensure_ascii=False), encoding="utf-8")
-    dataset = work / "datos.json"
-    entries = json.loads((ROOT / "tu_dataset.json").read_text(encoding="utf-8"))[:24]
-    dataset.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
+    questions, dataset = small_inputs(work)
     probe = small_probe(work / "sonda.json")
 
     # Only the notebook's own parameters are cleared: AFINAR_CACHE (where the embedded model lives) stays.

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SMALL_QUESTIONS, small_probe
+from conftest import ROOT, small_inputs, small_probe
 
 NOTEBOOK = ROOT / "colab.ipynb"
 TRY_QUESTION = "¿Qué es la fotosíntesis?"
@@ -148,11 +148,7 @@ def sessions(tmp_path_factory):
     drive = work / "drive_storage"
     drive.mkdir()
     content = work / "content"
-    questions = work / "preguntas.json"
-    questions.write_text(json.dumps(SMALL_QUESTIONS, ensure_ascii=False), encoding="utf-8")
-    dataset = work / "datos.json"
-    entries = json.loads((ROOT / "tu_dataset.json").read_text(encoding="utf-8"))[:24]
-    dataset.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
+    questions, dataset = small_inputs(work)
 
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("HF_", "HUGGING", "COLAB_", "AFINAR_")) or k == "AFINAR_CACHE"}

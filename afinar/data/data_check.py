@@ -596,6 +596,15 @@ class _Collector:
         self.records.append(self.hook(record) if self.hook else record)
 
 
+def _read_all(path: Path, consume: _Validator | _Collector) -> tuple[str, int]:
+    """_parse_file, then every problem it recorded raised at once, or the lack of any entry."""
+    fmt, bom = _parse_file(path, consume)
+    consume.problems.raise_if_any()
+    if not (consume.entries if isinstance(consume, _Validator) else consume.records):
+        raise _no_entries(str(path), fmt)
+    return fmt, bom
+
+
 def _no_entries(source: str, fmt: str) -> UserError:
     kind = "la lista está vacía" if fmt == "json" else "no tiene ninguna línea con datos"
     return UserError(f"El archivo «{source}» no contiene entradas: {kind}.")
@@ -608,10 +617,7 @@ def read_dataset(path: str | Path, hook: RecordHook | None = None) -> CheckedDat
     """
     path = Path(path)
     validator = _Validator(str(path), hook)
-    fmt, bom = _parse_file(path, validator)
-    validator.problems.raise_if_any()
-    if not validator.entries:
-        raise _no_entries(str(path), fmt)
+    fmt, bom = _read_all(path, validator)
     return CheckedData(
         path=path,
         format=fmt,
@@ -624,12 +630,8 @@ def read_dataset(path: str | Path, hook: RecordHook | None = None) -> CheckedDat
 
 def read_records(path: str | Path, hook: RecordHook | None = None) -> list[Any]:
     """Raw records of a JSON/JSONL file, unvalidated; syntax and encoding problems still raise UserError."""
-    path = Path(path)
     collector = _Collector(str(path), hook)
-    fmt, _ = _parse_file(path, collector)
-    collector.problems.raise_if_any()
-    if not collector.records:
-        raise _no_entries(str(path), fmt)
+    _read_all(Path(path), collector)
     return collector.records
 
 

@@ -182,8 +182,8 @@ def _save(args, layout: OutputLayout, run_manifest: dict, resolved: dict, model,
 
 
 def _refuse_rerun(layout: OutputLayout, run_manifest: dict, overwrite: bool, resume: bool) -> None:
-    record = run_manifest.get("stages", {}).get("train")
-    if not record or record.get("status") != "done" or overwrite:
+    record = manifest.finished(run_manifest, "train")
+    if record is None or overwrite:
         return
     if not resume:
         raise UserError(

@@ -23,7 +23,7 @@ from typing import Any
 
 from afinar.core.environment import DeviceInfo
 from afinar.core.errors import UserError
-from afinar.core.models import unwrap_peft
+from afinar.core.models import free_gpu_memory, unwrap_peft
 
 ENGINES = ("auto", "unsloth", "compiled", "eager")
 # A 16 GB T4 reports ~14.7 GiB. Below this, Unsloth (12 GB cards and smaller).
@@ -203,7 +203,7 @@ def dequantize_4bit_(model, dtype=None) -> int:
         for module in model.modules():
             if getattr(getattr(module, "config", None), "_is_quantized", False):
                 module.config._is_quantized = False
-        torch.cuda.empty_cache()
+        free_gpu_memory()  # the packed 4-bit copies are gone
     return replaced
 
 
