@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from afinar.core import embedded
 from afinar.core.environment import detect_device, library_versions, precision_for
 
 
@@ -95,8 +96,6 @@ def main() -> int:
         if uns.startswith("FALLA"):
             problems.append("Unsloth no se importa: usa --backend hf en las etapas 02-04 o reinstala requirements-gpu.txt.")
     else:
-        from afinar.core import embedded
-
         print(f"  xformers: {xformers_status(device.kind)}")
         ready = embedded._is_complete(embedded.checkpoint_dir())
         print(f"  modelo integrado: {'listo en ' + str(embedded.checkpoint_dir()) if ready else 'NO preparado'}")

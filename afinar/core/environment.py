@@ -8,6 +8,8 @@ import platform
 import sys
 from dataclasses import asdict, dataclass
 
+from afinar.core.errors import UserError
+
 TRACKED_LIBRARIES = (
     "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "unsloth",
     "unsloth_zoo", "gguf", "huggingface_hub", "safetensors", "tokenizers",
@@ -77,12 +79,8 @@ def precision_for(device: DeviceInfo, requested: str = "auto") -> str:
     """
     if requested != "auto":
         if requested == "bf16" and device.kind == "cpu" and not cpu_has_fast_bf16():
-            from afinar.core.errors import UserError
-
             raise UserError("--precision bf16 en CPU necesita un procesador con AMX o AVX-512 BF16; usa fp32.")
         if requested == "bf16" and device.kind == "cuda" and not device.bf16:
-            from afinar.core.errors import UserError
-
             raise UserError(f"La GPU {device.name} no tiene bf16 (p. ej. la T4): usa --precision fp16.")
         return requested
     if device.kind == "cpu":

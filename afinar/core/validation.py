@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from afinar.core.errors import UserError
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -136,6 +138,7 @@ def gguf_formats() -> tuple[str, ...]:
     """The GGUF types the exporter writes (asked of afinar.export.gguf_export, so a new type is accepted here as
     soon as it is written there), and "none"."""
     try:
+        # Delayed: the GGUF writer loads numpy, and every script's parser (--help too) imports this module.
         from afinar.export.gguf_export import _out_types
 
         return (*_out_types(), "none")
@@ -158,8 +161,6 @@ def require_writable(folder, option: str = "--output-dir") -> None:
     folder of another user): the failure would otherwise come after minutes of work, in English."""
     import os
     from pathlib import Path
-
-    from afinar.core.errors import UserError
 
     folder = Path(folder)
     existing = folder if folder.exists() else next((p for p in folder.absolute().parents if p.exists()), None)

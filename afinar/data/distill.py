@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from afinar.core import atomic
+from afinar.core.errors import UserError
 from afinar.data.data_check import plural, read_dataset, validate_records
 from afinar.data.data_mix import LONG_MIN_WORDS, word_count
-from afinar.core.errors import UserError
 from afinar.data.teacher import Reply, TeacherUnavailable
 
 KINDS = ("essay", "short", "misconception")
@@ -590,6 +590,7 @@ class Distiller:
         outcome.status, outcome.category, outcome.reason = "rejected", category, reason
 
     def _check(self, outcomes: list[Outcome], against: list[dict[str, str]]) -> None:
+        # Delayed: data_clean loads numpy, which `00_destilar.py --help` does not need.
         from afinar.data.data_clean import find_exact_duplicates, find_near_duplicates, guess_language, is_foreign
 
         alive = [o for o in outcomes if o.status == "pending" and o.entry is not None]

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from afinar.data.data_check import plural, read_records, validate_records
 from afinar.core.errors import UserError
+from afinar.data.data_check import plural, read_records, validate_records
 
 
 @dataclass(frozen=True)

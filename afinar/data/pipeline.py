@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from afinar.core import atomic
+from afinar.core.errors import UserError
 from afinar.data.data_check import plural, read_dataset
-from afinar.data.data_clean import LANGUAGE_MIN_PROBABILITY, NEAR_DUPLICATE_THRESHOLD, SHINGLE_WORDS, CleanResult, clean
+from afinar.data.data_clean import clean, CleanResult, LANGUAGE_MIN_PROBABILITY, NEAR_DUPLICATE_THRESHOLD, SHINGLE_WORDS
 from afinar.data.data_measure import token_lengths, token_summary, write_histogram, write_report
 from afinar.data.data_mix import (
-    LONG_MIN_WORDS, hold_out, interleave, long_flags, packing_mix, word_count, worst_window_deviation,
+    hold_out, interleave, long_flags, LONG_MIN_WORDS, packing_mix, word_count, worst_window_deviation,
 )
-from afinar.core.errors import UserError
 from afinar.data.hub_datasets import HubEntries, HubSpec, load_hub_entries, parse_hub_spec
 
 MAX_EXAMPLES_IN_REPORT = 10

@@ -25,8 +25,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from afinar.core import embedded
 from afinar.core.errors import UserError
+from afinar.core.prompts import ensure_pad_token
 from afinar.core.redaction import redact
+from afinar.evaluate.generation import _answer_chunk, _generate_options, _inference, _seed_everything, chat_prompt_ids
 
 # Checked in this order; the first one set wins. TEACHER_API_KEY first, so a user can point the teacher at a
 # different account than the OPENAI_API_KEY other tools on the machine use.
@@ -261,8 +264,6 @@ class LocalTeacher:
     kind = "local"
 
     def __init__(self, name: str, *, batch_size: int = 8, seed: int = 0) -> None:
-        from afinar.core import embedded
-
         self.name = name
         path = embedded.ensure_checkpoint(verbose=True) if name == embedded.EMBEDDED_ALIAS else name
         if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
@@ -288,11 +289,6 @@ class LocalTeacher:
 
     def complete_batch(self, bodies: Sequence[dict[str, Any]]) -> list[Reply]:
         """One reply per body; every body in a call must share max_tokens (the caller groups them)."""
-        from afinar.evaluate.generation import (
-            _answer_chunk, _generate_options, _inference, _seed_everything, chat_prompt_ids,
-        )
-        from afinar.core.prompts import ensure_pad_token
-
         ensure_pad_token(self.tokenizer)
         prompts = [chat_prompt_ids(self.tokenizer, body["messages"]) for body in bodies]
         max_tokens = int(bodies[0]["max_tokens"])

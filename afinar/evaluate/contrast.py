@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from afinar.core.errors import UserError
+from afinar.data.data_check import spanish_json_error
 from afinar.evaluate import facts
 from afinar.evaluate.keywords import keyword_coverage
 from afinar.evaluate.language import spanish_ratio, spanish_word_count, words
+from afinar.evaluate.probe import MIN_PROBE_SHARE
 from afinar.evaluate.questions import question_text
 
 # Thresholds of the verdict.
@@ -145,8 +147,6 @@ def load_answers(path: str | Path) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            from afinar.data.data_check import spanish_json_error
-
             raise UserError(f"{path}, línea {number}: no es JSON válido ({spanish_json_error(err)}).") from None
         for field, kind in (("question", str), ("text", str), ("ended_with_eos", bool)):
             if not isinstance(row, dict) or not isinstance(row.get(field), kind):
@@ -256,8 +256,6 @@ def _check_facts(contrast: dict[str, Any]) -> tuple[bool | None, str]:
 
 
 def _check_probe(contrast: dict[str, Any]) -> tuple[bool | None, str]:
-    from afinar.evaluate.probe import MIN_PROBE_SHARE
-
     probe = contrast.get("probe")
     if not probe or not probe.get("pairs"):
         return None, "No aplica: no se midió la sonda de errores."

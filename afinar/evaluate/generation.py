@@ -12,9 +12,9 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
 from afinar.core.errors import UserError
+from afinar.core.models import free_gpu_memory, model_device, unwrap_peft
 from afinar.core.prompts import ensure_pad_token, question_messages, user_text
 from afinar.evaluate.questions import question_text
-from afinar.core.models import free_gpu_memory, model_device, unwrap_peft
 
 # 200 tokens: the training answers are short paragraphs (44-75 tokens with the SmolLM2 tokenizer, fewer with
 # Llama's), so a model that learned to stop has ~3x headroom, while one that loops is cut after a bounded time

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from afinar.core.models import model_device, unwrap_peft
 from afinar.core.prompts import IGNORE_INDEX
+from afinar.train import frozen_prefix
 
 
 def right_padded(rows: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
@@ -36,8 +37,6 @@ def sequence_logps(model, batch: dict[str, Any]):
     prompt positions would cost a vocabulary-wide row each for nothing. Differentiable when grad is on.
     """
     import torch
-
-    from afinar.train import frozen_prefix
 
     causal_lm = unwrap_peft(model)
     device = model_device(causal_lm)

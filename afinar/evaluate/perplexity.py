@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from afinar.core.errors import UserError
 from afinar.core.models import model_device
 from afinar.core.prompts import ensure_pad_token, tokenize_example
+from afinar.evaluate.logprobs import right_padded, sequence_logps
 
 
 def perplexity(
@@ -86,8 +87,6 @@ def _tokenized(tokenizer, entry: Any, number: int, max_seq_length: int, source: 
 
 
 def _batch_nll(model, examples: list[dict[str, list[int]]], pad_id: int, device) -> tuple[float, int]:
-    from afinar.evaluate.logprobs import right_padded, sequence_logps
-
     # Right padding: causal attention never lets a real token see the padding after it, and positions stay 0..n.
     # sequence_logps (the probe's and DPO's scorer) sends only the response positions through the LM head and
     # upcasts only those to fp32: the prompt positions would each cost a vocabulary-wide row for nothing

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from afinar.core.errors import UserError
-from afinar.evaluate.logprobs import right_padded, sequence_logps
 from afinar.core.prompts import ensure_pad_token, tokenize_example
+from afinar.evaluate.generation import _inference
+from afinar.evaluate.logprobs import right_padded, sequence_logps
 
 DEFAULT_PROBE_FILE = "sondas_errores.json"
 MIN_PROBE_SHARE = 0.9  # the verdict's bar: the true statement wins on at least 90 % of the pairs
@@ -56,7 +57,6 @@ def score_pairs(model, tokenizer, pairs: Sequence[dict[str, str]], *, max_seq_le
         for key in ("verdadera", "falsa"):
             rows.append(tokenize_example(tokenizer, {"instruction": pair["pregunta"], "output": pair[key]},
                                          max_seq_length))
-    from afinar.evaluate.generation import _inference  # eval mode and no autograd, restoring the previous mode
 
     scores: list[float] = []
     with _inference(model):

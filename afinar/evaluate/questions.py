@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from afinar.core.errors import UserError
+from afinar.data.data_check import spanish_json_error
 
 REQUIRED_FIELD = "pregunta"
 OPTIONAL_FIELDS = ("palabras_clave", "referencia", "hecho")
@@ -56,8 +57,6 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        from afinar.data.data_check import spanish_json_error
-
         raise UserError(f"{path} no es un JSON válido: {spanish_json_error(err)} (línea {err.lineno}, columna "
                         f"{err.colno}).") from None
     except (ValueError, RecursionError):  # an integer of more than 4,300 digits, or absurd nesting

@@ -7,10 +7,11 @@ import re
 from typing import Any
 
 from afinar.core import atomic
-from afinar.evaluate.contrast import (
-    MAX_REPEATED_3GRAM_RATIO, MIN_KEYWORD_COVERAGE, MIN_SPANISH_RATIO, criteria, number, percent,
-)
 from afinar.core.layout import OutputLayout
+from afinar.evaluate.contrast import (
+    criteria, MAX_REPEATED_3GRAM_RATIO, MIN_KEYWORD_COVERAGE, MIN_SPANISH_RATIO, number, percent,
+)
+from afinar.evaluate.probe import MIN_PROBE_SHARE
 
 TITLE = "Prueba de contraste: antes y después del ajuste fino"
 TABLE_HEADER = ("Métrica", "Antes", "Después", "Criterio", "¿Cumple?")
@@ -51,8 +52,6 @@ def metric_rows(contrast: dict[str, Any]) -> list[dict[str, Any]]:
                          _facts_share(contrast, "after"), "todas", status["facts"]))
     probe = contrast.get("probe")
     if probe and probe.get("pairs"):
-        from afinar.evaluate.probe import MIN_PROBE_SHARE
-
         rows.append(_row("Sonda de errores: gana la afirmación verdadera",
                          f"{probe['true_wins_before']} de {probe['pairs']} ({percent(probe['share_before'], 0)})",
                          f"{probe['true_wins_after']} de {probe['pairs']} ({percent(probe['share_after'], 0)})",

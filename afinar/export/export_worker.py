@@ -16,24 +16,23 @@ import sys
 from pathlib import Path
 
 from afinar.core import atomic, manifest, settings
-from afinar.core.errors import UserError, main_guard
+from afinar.core.errors import main_guard, UserError
 from afinar.core.layout import OutputLayout
+from afinar.core.prompts import configure_from_manifest
+from afinar.export.gguf_export import TYPE_DESCRIPTIONS, export_gguf
+from afinar.export.merge import merge_adapter
+from afinar.export.modelfile import write_modelfile
 
 
 def export(layout: OutputLayout, base_path: str, merge_dtype: str, formats: list[str],
            repetition_penalty: float | None = None) -> dict:
-    from transformers import AutoTokenizer
-
-    from afinar.export.merge import merge_adapter
+    from transformers import AutoTokenizer  # delayed: seconds of import, paid only in the worker process
 
     print("Fusionando el adaptador con los pesos originales en 16 bits ...", flush=True)
     merge = merge_adapter(base_path, layout.adapter, layout.merged, dtype=merge_dtype)
     record = {"merge": {**merge, "path": manifest.relative(layout, layout.merged),
                         "adapter_path": manifest.relative(layout, layout.adapter)}}
     if formats:
-        from afinar.export.gguf_export import TYPE_DESCRIPTIONS, export_gguf
-        from afinar.export.modelfile import write_modelfile
-
         print(f"Exportando GGUF ({', '.join(formats)}) ...", flush=True)
         files = export_gguf(layout.merged, layout.gguf_dir, tuple(formats))
         preferred = next((f for f in files if f["type"] == "q8_0"), files[0])
@@ -71,8 +70,6 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     formats = [f.strip() for f in args.gguf.split(",") if f.strip() and f.strip() != "none"]
     layout = OutputLayout.at(args.output_dir)
-    from afinar.core.prompts import configure_from_manifest
-
     run_manifest = manifest.read(layout)
     configure_from_manifest(run_manifest)  # the Modelfile's SYSTEM line is the run's system prompt
     # Ollama answers with the penalty the contrast test generated with (02 --repetition-penalty).

@@ -22,8 +22,7 @@ import numpy as np
 
 from afinar.core import atomic
 from afinar.core.errors import UserError
-from afinar.export import kquants
-from afinar.export import verify
+from afinar.export import kquants, verify
 from afinar.export.gguf_check import GgufChecker
 from afinar.export.verify import ensure_free_space
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from afinar.core.errors import UserError
-from afinar.core.redaction import redact
 from afinar.core.layout import OutputLayout
-from afinar.core.manifest import STAGE_SCRIPTS, now_iso
+from afinar.core.manifest import now_iso, STAGE_SCRIPTS
+from afinar.core.redaction import redact
 
 TOKEN_ENV = "HF_TOKEN"
 PARTS = ("adapter", "merged", "gguf")

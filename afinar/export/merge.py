@@ -16,6 +16,7 @@ from typing import Any, Iterable
 from afinar.core import atomic, settings
 from afinar.core.errors import UserError
 from afinar.core.models import free_gpu_memory
+from afinar.data.data_check import spanish_json_error
 from afinar.export import verify
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -85,8 +86,6 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        from afinar.data.data_check import spanish_json_error
-
         raise UserError(f"{path} no es un JSON válido ({spanish_json_error(err)}, línea {err.lineno}).") from None
     except UnicodeDecodeError as err:
         raise UserError(f"{path} no es un JSON válido: no está en UTF-8 (byte {err.start}).") from None

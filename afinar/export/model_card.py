@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from afinar.core import atomic
-from afinar.train import engine
 from afinar.core.embedded import EMBEDDED_ALIAS, ORIGINAL_HUB_ID
-from afinar.evaluate.generation import DEFAULT_REPETITION_PENALTY
 from afinar.core.prompts import DEFAULT_SYSTEM_PROMPT
 from afinar.core.redaction import redact
+from afinar.evaluate.generation import DEFAULT_REPETITION_PENALTY
+from afinar.export.gguf_export import TYPE_DESCRIPTIONS
+from afinar.train import engine
 
 KINDS = ("merged", "adapter", "gguf")
 LIBRARY_BY_KIND = {"merged": "transformers", "adapter": "peft", "gguf": "gguf"}
@@ -363,8 +364,6 @@ def _usage_adapter(folder: Path, repo_id: str | None, base_model: str | None, ma
 
 def _gguf_type_note(file_name: str) -> str:
     """' — Q4_K_M: …' for a file named like the exporter's (model-<type>.gguf), else nothing."""
-    from afinar.export.gguf_export import TYPE_DESCRIPTIONS
-
     stem = file_name.lower().removesuffix(".gguf")
     found = next((t for t in TYPE_DESCRIPTIONS if stem.endswith(f"-{t}")), None)
     return f" — {TYPE_DESCRIPTIONS[found]}" if found else ""

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from afinar.core import atomic
 from afinar.core.errors import UserError
-from afinar.evaluate.generation import DEFAULT_REPETITION_PENALTY
 from afinar.core.prompts import system_prompt as run_system_prompt
+from afinar.evaluate.generation import DEFAULT_REPETITION_PENALTY
 
 # Ollama renders these with Go's text/template, one turn at a time, and cuts the text after
 # {{ .Response }} on the turn being generated, so the end-of-turn token after it only closes past turns.

@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 from afinar.core import cli, validation
+from afinar.core.errors import UserError
 from afinar.data import distill, teacher
 from afinar.data.data_check import read_dataset
-from afinar.core.errors import UserError
+from afinar.evaluate import probe
 
 DEFAULT_OUTPUT = "datos_destilados.json"
 
@@ -142,8 +143,6 @@ def build_teacher(args):
 def base_scorer(name: str):
     """score_pairs of afinar.evaluate.probe on the base model, loaded only when there are misconceptions to score."""
     def score(pairs):
-        from afinar.evaluate import probe
-
         local = teacher.LocalTeacher(name)
         print(f"Modelo base «{name}»: comprobando si falla los {len(pairs)} errores típicos ...", flush=True)
         return probe.score_pairs(local.model, local.tokenizer, pairs)

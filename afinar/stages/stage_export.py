@@ -16,7 +16,7 @@ from afinar.core.prompts import configure_from_manifest
 from afinar.data.data_check import read_dataset
 from afinar.evaluate import probe
 from afinar.evaluate.contrast import build_contrast
-from afinar.evaluate.generation import DEFAULT_BATCH_SIZE, DEFAULT_REPETITION_PENALTY, chat, generate_answers
+from afinar.evaluate.generation import chat, DEFAULT_BATCH_SIZE, DEFAULT_REPETITION_PENALTY, generate_answers
 from afinar.evaluate.perplexity import perplexity
 from afinar.evaluate.questions import load_questions
 from afinar.evaluate.report import write_reports

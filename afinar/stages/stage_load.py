@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from afinar.core import atomic, manifest, overwrite, settings, validation
-from afinar.core.environment import DeviceInfo, detect_device, library_versions, precision_for
+from afinar.core.environment import detect_device, DeviceInfo, library_versions, precision_for
 from afinar.core.errors import UserError
 from afinar.core.layout import OutputLayout
-from afinar.core.prompts import DEFAULT_SYSTEM_PROMPT, configure_from_manifest
-from afinar.evaluate.generation import DEFAULT_REPETITION_PENALTY, check_repetition_penalty, generate_answers
+from afinar.core.prompts import configure_from_manifest, DEFAULT_SYSTEM_PROMPT
+from afinar.evaluate.generation import check_repetition_penalty, DEFAULT_REPETITION_PENALTY, generate_answers
 from afinar.evaluate.probe import DEFAULT_PROBE_FILE, load_pairs
 from afinar.evaluate.questions import load_questions
 from afinar.train import modeling

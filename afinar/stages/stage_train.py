@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from afinar.core import checkpoints, distributed, manifest, overwrite, settings, validation
-from afinar.core.environment import DeviceInfo, detect_device
+from afinar.core.environment import detect_device, DeviceInfo
 from afinar.core.errors import UserError
 from afinar.core.layout import OutputLayout
 from afinar.core.prompts import configure_from_manifest, ensure_pad_token, tokenize_example
-from afinar.data.pipeline import PreparedData, check_only, prepare
+from afinar.data.pipeline import check_only, prepare, PreparedData
 from afinar.train import engine, frozen_prefix, modeling, preference
 from afinar.train.training import finite_adapter, train
 

@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from afinar.core import manifest
-from afinar.train import modeling
+from afinar.core.environment import detect_device
 from afinar.core.errors import UserError
 from afinar.core.layout import OutputLayout
 from afinar.core.models import free_gpu_memory
+from afinar.core.prompts import configure_from_manifest
+from afinar.evaluate import generation
+from afinar.train import modeling
 
 # Room for a full paragraph: the contrast caps answers at its recorded limit, a conversation deserves more.
 MIN_CHAT_TOKENS = 300
@@ -24,8 +27,6 @@ MIN_CHAT_TOKENS = 300
 
 def load_tuned(output_dir: str | Path):
     """(model, tokenizer, run_manifest) for the adapter stage 03 trained in `output_dir`."""
-    from afinar.core.environment import detect_device
-
     layout = OutputLayout.at(output_dir)
     run_manifest = manifest.read(layout)
     manifest.require_stage(run_manifest, "train", layout)
@@ -42,9 +43,6 @@ def try_model(output_dir: str | Path, question: str | None, *, chat: bool = True
               input_fn: Callable[[str], str] | None = None, output: TextIO | None = None) -> list[dict[str, str]]:
     """Answer `question` with streaming output, then chat until an empty line or "salir" (if `chat`).
     `max_new_tokens` None: MIN_CHAT_TOKENS, or the contrast's recorded limit if larger."""
-    from afinar.evaluate import generation
-    from afinar.core.prompts import configure_from_manifest
-
     try:
         model, tokenizer, run_manifest = load_tuned(output_dir)
     except UserError as err:

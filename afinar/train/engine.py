@@ -119,7 +119,7 @@ def plan(settings: dict[str, Any], device: DeviceInfo, requested: str = "auto",
                         f"o pide --engine compiled (GPU con bf16 y FP8: Hopper o posterior).")
 
     if engine == "compiled":
-        from afinar.train import fp8
+        from afinar.train import fp8  # delayed: fp8 imports torch, and planning must stay cheap (03 --check-data)
 
         fp8_runs_here = fp8.supported(device.capability)
         fp8_base = fp8_runs_here if want_fp8 is None else want_fp8
@@ -221,7 +221,7 @@ def prepare_model_(model, plan: Plan, probe_rows: list[dict]) -> None:
 
 
 def _use_fp8_if_it_holds_(model, plan: Plan, probe_rows: list[dict]) -> None:
-    from afinar.train import fp8
+    from afinar.train import fp8  # delayed: fp8 imports torch (see plan)
 
     def fall_back(why: str) -> None:
         fp8.use_bf16_base_(model)

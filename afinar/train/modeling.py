@@ -7,11 +7,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from afinar.core import embedded
+from afinar.core import atomic, embedded
 from afinar.core.environment import DeviceInfo, unsloth_available
 from afinar.core.errors import UserError
 from afinar.core.prompts import ensure_pad_token
 from afinar.core.settings import LORA_TARGET_MODULES
+from afinar.train.engine import dequantize_4bit_
 
 
 def resolve_model(name: str) -> tuple[str, str]:
@@ -111,8 +112,6 @@ def load_base(path: str, *, backend: str, load_in_4bit: bool, precision: str, ma
             kwargs["device_map"] = {"": torch.cuda.current_device()}
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         if load_in_4bit and dequantize_4bit:
-            from afinar.train.engine import dequantize_4bit_
-
             dequantize_4bit_(model, _torch_dtype(precision))
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         if not load_in_4bit:
@@ -215,8 +214,6 @@ def build(settings: dict[str, Any], device: DeviceInfo, precision: str, adapter_
 
 def save_adapter(peft_model, tokenizer, target: Path, base_model_name: str) -> None:
     """Safetensors only, into a temp folder swapped in whole."""
-    from afinar.core import atomic
-
     with atomic.atomic_dir(target) as tmp:
         peft_model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -19,8 +19,8 @@ from contextlib import nullcontext
 from typing import Any, Callable, Sequence
 
 from afinar.core.errors import UserError
-from afinar.evaluate.logprobs import right_padded, sequence_logps
 from afinar.core.prompts import tokenize_example
+from afinar.evaluate.logprobs import right_padded, sequence_logps
 
 MODES = ("auto", "dpo", "none")
 

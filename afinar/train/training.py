@@ -12,8 +12,8 @@ from afinar.core import atomic, checkpoints, distributed
 from afinar.core.errors import UserError
 from afinar.core.layout import OutputLayout
 from afinar.core.models import unwrap_peft
-from afinar.train.packing import Collator, pack_in_order
 from afinar.core.prompts import tokenize_example
+from afinar.train.packing import Collator, pack_in_order
 
 
 class NonFiniteLoss(RuntimeError):
