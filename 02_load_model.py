@@ -25,9 +25,10 @@ def parse_args(argv=None):
                    help="cargar la base en 16 bits en GPU (más rápido y más memoria)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="precisión de cálculo (por defecto: auto = bf16 en GPU que lo tenga, fp16 en la T4; en CPU, "
-                        "bf16 si el procesador lo calcula de forma nativa (AMX), que entrena ~1,65x más rápido, y "
-                        "fp32 si no; los pesos de LoRA y el optimizador siempre en fp32)")
-    p.add_argument("--lora-r", type=int, default=settings.common_default("lora_r"), help=settings.help_text("lora_r", "rango de LoRA"))
+                        "bf16 si el procesador lo calcula de forma nativa (AMX), que entrena más rápido "
+                        "(BENCHMARKS.md), y fp32 si no; los pesos de LoRA y el optimizador siempre en fp32)")
+    p.add_argument("--lora-r", type=int, default=settings.common_default("lora_r"),
+                   help=settings.help_text("lora_r", "rango de LoRA"))
     p.add_argument("--lora-alpha", type=int, default=None, help=settings.help_text("lora_alpha", "alpha de LoRA"))
     p.add_argument("--lora-layers", type=int, default=None,
                    help=settings.help_text("lora_layers", "capas (las de arriba) que reciben LoRA"))
@@ -46,8 +47,8 @@ def parse_args(argv=None):
                         "a un modelo que no sabe parar)")
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="penalización de repetición de la generación, la misma antes (02) y después (04) "
-                        "(por defecto: 1.15; con 1.0 el modelo de 135M repite frases en bucle con greedy; "
-                        "1.15 las quitó en las 10 preguntas de contraste, ver BENCHMARKS.md)")
+                        "(por defecto: 1.15; sin ella el modelo de 135M repite frases en bucle, con ella a veces "
+                        "inventa palabras: BENCHMARKS.md)")
     p.add_argument("--gen-batch-size", type=int, default=16,
                    help="preguntas generadas a la vez, con relleno a la izquierda (por defecto: 16; las 10 de "
                         "contraste en un solo lote)")

@@ -14,50 +14,40 @@ CPU_DEFAULT_MODEL = "smollm2-135m"
 
 # name -> (gpu default, cpu default, why)
 DEFAULTS: dict[str, tuple[Any, Any, str]] = {
-    "lora_r": (16, 16, "rango 16: buen equilibrio entre capacidad y memoria; más alto aprende más y ocupa más"),
-    "lora_alpha": (16, 32, "en GPU alpha = r (escala 1), la receta de los cuadernos de Unsloth; en CPU alpha = 2r "
-                   "(escala 2): con 135M parámetros y pocos pasos, la perplejidad apartada bajó de 14,6 a 13,8 "
-                   "(2 épocas) y a 13,1 con 3 (BENCHMARKS.md); sin --lora-alpha se mantiene la proporción para "
-                   "otro --lora-r"),
-    "lora_layers": (None, None, "todas las capas; con N, solo las N de arriba: el gradiente no baja de la primera "
-                    "capa adaptada y en CPU las capas de debajo se calculan una vez por fila, así que cada época "
-                    "cuesta unas 3 veces menos con N=4, pero aprende bastante menos (perplejidad × 0,58 frente a "
-                    "× 0,42, BENCHMARKS.md)"),
-    "lora_dropout": (0.0, 0.0, "0: con pocas épocas no hace falta regularizar y Unsloth lo acelera"),
-    "max_seq_length": (2048, 640, "2048 en GPU cubre ensayos largos; 640 en CPU cubre el ensayo más largo de "
-                       "tu_dataset.json (599 tokens con la plantilla) sin pagar filas de 2048"),
-    "learning_rate": (2e-4, 2e-3, "2e-4 es lo habitual en QLoRA; en CPU, con ~100 pasos, el modelo de 135M necesita más: "
-                      "2e-3 dio perplejidad 14,6 frente a 16,5 con 1e-3 (2 épocas, alpha = r), todas las respuestas "
-                      "con EOS y menos bucles"),
-    "epochs": (3.0, 3.0, "3 pasadas por ~200 entradas fijan el estilo sin memorizarlo; en CPU, 3 (105 pasos, "
-               "~12 minutos con 2 núcleos) en lugar de 2: la perplejidad apartada queda en 0,33 veces la del modelo "
-               "base (0,35 con 2) y las respuestas con bucles bajan de 6 a 3 de 10 sin tocar la generación"),
+    "lora_r": (16, 16, "más alto aprende más y ocupa más memoria"),
+    "lora_alpha": (16, 32, "alpha = r en GPU (la receta de Unsloth) y 2r en CPU, donde con pocos pasos baja más la "
+                   "perplejidad (BENCHMARKS.md); sin --lora-alpha, la misma proporción para otro --lora-r"),
+    "lora_layers": (None, None, "todas las capas; con N, solo las N de arriba: en CPU cada época cuesta mucho menos, "
+                    "pero el modelo aprende bastante menos (BENCHMARKS.md)"),
+    "lora_dropout": (0.0, 0.0, "con pocas épocas no hace falta regularizar, y sin dropout Unsloth va más rápido"),
+    "max_seq_length": (2048, 640, "más largo cabe más texto por ejemplo y cuesta más memoria; 640 en CPU cubre el "
+                       "ensayo más largo de tu_dataset.json"),
+    "learning_rate": (2e-4, 2e-3, "2e-4 es lo habitual en QLoRA; en CPU, con ~100 pasos, el modelo de 135M necesita "
+                      "más (BENCHMARKS.md)"),
+    "epochs": (3.0, 3.0, "más épocas fijan mejor el estilo y la perplejidad apartada, con riesgo de memorizar "
+               "(BENCHMARKS.md)"),
     "max_steps": (None, None, "sin límite: manda --epochs; úsalo para pruebas rápidas"),
-    "batch_size": (None, 4, "en GPU, automático según el motor y la memoria de la tarjeta (32 filas de 2048 en la "
-                   "H200, 8 con Unsloth); 4 en CPU, donde más lote no da más velocidad con 2 núcleos"),
-    "grad_accum": (1, 1, "1: con lotes de 4-8 y pocas entradas, acumular solo reduce el número de pasos"),
+    "batch_size": (None, 4, "en GPU, automático según el motor y la memoria de la tarjeta; en CPU, más lote no da "
+                   "más velocidad"),
+    "grad_accum": (1, 1, "con lotes de 4-8 y pocas entradas, acumular solo reduce el número de pasos"),
     "seed": (42, 42, "fija el orden de los datos y la inicialización de LoRA para poder repetir el resultado"),
     "warmup_ratio": (0.05, 0.05, "un calentamiento corto evita pasos bruscos al principio"),
-    "save_steps": (100, 50, "guardar cada N pasos; además se guarda cada --save-minutes"),
-    "save_minutes": (10.0, 10.0, "una desconexión de Colab pierde como mucho 10 minutos de trabajo"),
-    "logging_steps": (5, 5, "una línea de registro cada 5 pasos"),
-    "eval_steps": (50, None, "pérdida de evaluación sobre las entradas apartadas cada N pasos, en metrics.jsonl y "
-                   "loss.png; en GPU cada 50 (cuesta menos que un paso); en CPU, sin evaluación periódica salvo que "
-                   "la pidas: con 2 núcleos cada evaluación cuesta varios pasos de entrenamiento"),
-    "packing": (None, True, "empaquetar en orden evita calcular relleno (un tercio de los tokens de un lote que mezcla "
-                "ensayos y respuestas cortas); en GPU, automático: sí con el motor compilado, no con Unsloth"),
-    "engine": ("auto", "auto", "auto: en GPU de 14 GiB o más (la T4 incluida, en fp16), transformers + PEFT compilado con "
-               "atención flex (el más rápido medido); en GPU más pequeñas, Unsloth; en CPU, eager"),
-    "fp8": (None, False, "en GPU, automático: sí con el motor compilado en tarjetas Hopper o posteriores (H100, H200), "
-            "que multiplican en FP8 al doble de ritmo que en bf16, y solo si en tus propios ejemplos la pérdida "
-            "cambia menos de un 1 por ciento; solo la base congelada se redondea, LoRA aprende en bf16"),
-    "preference": ("auto", "auto", "auto: tras el SFT, entrenamiento de preferencias (DPO) con las entradas que traen "
-                   "'rejected' (el error típico): el dato correcto debe ganar al error, no solo ser probable; "
-                   "'none' lo omite"),
-    "dpo_beta": (0.1, 0.1, "beta de DPO: cuánto puede alejarse el modelo del de después del SFT; 0,1 es lo habitual"),
-    "preference_epochs": (2.0, 2.0, "pasadas por los pares (correcta, error): con 2 (20 pasos de 8 pares en CPU) el "
-                          "modelo ya prefiere la respuesta correcta en todos los pares de entrenamiento; cada paso "
-                          "cuesta como uno de SFT (~17 s con 2 núcleos AVX2)"),
+    "save_steps": (100, 50, "guardar más a menudo pierde menos trabajo y cuesta más disco y tiempo"),
+    "save_minutes": (10.0, 10.0, "una desconexión de Colab pierde como mucho ese tiempo de trabajo"),
+    "logging_steps": (5, 5, "más a menudo da una curva de pérdida más fina y un registro más largo"),
+    "eval_steps": (50, None, "pérdida de las entradas apartadas cada N pasos (metrics.jsonl, loss.png); en CPU solo "
+                   "si la pides, porque cada evaluación cuesta varios pasos de entrenamiento"),
+    "packing": (None, True, "empaquetar en orden evita calcular relleno; en GPU, automático: sí con el motor "
+                "compilado, no con Unsloth"),
+    "engine": ("auto", "auto", "auto: el motor más rápido medido que cabe en la tarjeta (compilado desde 14 GiB, "
+               "Unsloth por debajo; eager en CPU; BENCHMARKS.md)"),
+    "fp8": (None, False, "en GPU, automático: sí con el motor compilado en Hopper o posterior, que multiplica en FP8 "
+            "más rápido, si la pérdida de tus ejemplos cambia menos de un 1 por ciento"),
+    "preference": ("auto", "auto", "auto: DPO tras el SFT con las entradas que traen 'rejected', para que el dato "
+                   "correcto gane al error típico y no solo sea probable; 'none' lo omite"),
+    "dpo_beta": (0.1, 0.1, "cuánto puede alejarse el modelo del que salió del SFT; 0,1 es lo habitual"),
+    "preference_epochs": (2.0, 2.0, "más pasadas por los pares (correcta, error) afianzan la preferencia y cuestan "
+                          "como pasos de SFT (BENCHMARKS.md)"),
     "preference_learning_rate": (5e-5, 5e-4, "más baja que la del SFT: DPO mueve la diferencia entre dos respuestas "
                                  "y con pasos grandes las baja las dos"),
     # stage 04
