@@ -362,7 +362,13 @@ def _syntax_problem(text: str, err: json.JSONDecodeError, problems: Problems, wh
 
 
 def _iter_array(text: str, start: int, problems: Problems) -> Iterator[tuple[str, Any]]:
-    """Yield (position, value) for each element of the top-level array starting at text[start] == '['."""
+    """Yield (position, value) for each element of the top-level array starting at text[start] == '['.
+
+    Element by element (json's own raw_decode for each value) rather than one json.loads: the messages name
+    each entry's line ("entrada 7 (línea 45)"), and the field problems of the entries before a syntax error
+    are reported together with it, which one json.loads cannot give (it returns all or nothing). Measured on a
+    43 MB array of 100,000 entries: 0.67 s against 0.37 s for json.loads, the same 129 MB peak.
+    """
     idx = _JSON_WHITESPACE.match(text, start + 1).end()
     if text.startswith("]", idx):
         _check_trailing(text, idx + 1, problems)
