@@ -50,6 +50,12 @@ MODES = ("auto", "eager", "graphs", "compile", "static")
 # AFINAR_DECODE=eager|graphs|compile overrides "auto" (benchmarks and debugging).
 MODE_ENV = "AFINAR_DECODE"
 
+# A job that may decode at least this many tokens (questions x max_new_tokens) gets "compile" under "auto".
+# Measured on the H200 (BENCHMARKS.md, issue 17): compiling costs ~18 s per batch shape and then saves
+# 1/3,153 - 1/5,446 s per token in batches of 10, so it pays from ~133k tokens actually decoded; answers that stop
+# at EOS decode fewer than their max_new_tokens, hence the margin. Not measured on other cards.
+COMPILE_PAYS_OFF_TOKENS = 200_000
+
 _broken: dict[str, str] = {}  # mode -> why it failed once in this process (never retried, one message)
 
 
@@ -92,6 +98,11 @@ def greedy_generate(
                 torch.cuda.synchronize()
     return _run(model, input_ids, attention_mask, max_new_tokens, repetition_penalty, stop_ids, pad_id,
                 on_tokens, "static" if mode == "static" else "eager")
+
+
+def mode_for_job(decode_tokens: int) -> str:
+    """The mode a job of this size asks for: "compile" when its compilation pays off, else "auto" (graphs)."""
+    return "compile" if decode_tokens >= COMPILE_PAYS_OFF_TOKENS else "auto"
 
 
 def resolve_mode(mode: str, device, model=None) -> str:
