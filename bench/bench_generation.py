@@ -270,8 +270,15 @@ def suite(args) -> None:
             ours(model, tokenizer, questions[:1], 8, 1, mode="compile")
             note("gpu_compile_sequential_tok_s",
                  rate(best([ours(model, tokenizer, questions, new, 1, mode="compile") for _ in range(reps)])))
-            note("gpu_compile_batched_tok_s",
-                 rate(best([ours(model, tokenizer, questions, new, n, mode="compile") for _ in range(reps)])))
+            compiled = best([ours(model, tokenizer, questions, new, n, mode="compile") for _ in range(reps)])
+            note("gpu_compile_batched_tok_s", rate(compiled))
+            note("compile_sequential_ratio",
+                 round(report["gpu_compile_sequential_tok_s"] / report["anchor_static_sequential_tok_s"], 3))
+            note("compile_batched_ratio",
+                 round(report["gpu_compile_batched_tok_s"] / report["anchor_static_batched_tok_s"], 3))
+            same = [r["text"] == tokenizer.decode(ids, skip_special_tokens=True).strip()
+                    for r, ids in zip(compiled[0], timings["eager_contrast"][0])]
+            note("identical_answers_compile", f"{sum(same)}/{n}")
 
         note("fast_path_failures", dict(_broken))
     report["seconds_total"] = round(time.perf_counter() - began, 1)
@@ -282,7 +289,8 @@ def suite(args) -> None:
                 "anchor_static_batched_tok_s", "batched_ratio", "gpu_contrast_seconds", "anchor_best_contrast_seconds",
                 "contrast_ratio", "anchor_eager_contrast_seconds", "anchor_static_contrast_seconds",
                 "anchor_eager_sequential_tok_s", "anchor_eager_batched_tok_s", "gpu_compile_sequential_tok_s",
-                "gpu_compile_batched_tok_s", "ours_compile_warmup_seconds", "identical_answers", "cpu_speedup",
+                "gpu_compile_batched_tok_s", "compile_sequential_ratio", "compile_batched_ratio",
+                "ours_compile_warmup_seconds", "identical_answers", "identical_answers_compile", "cpu_speedup",
                 "fast_path_failures"):
         if key in report:
             print(f"| {key} | {report[key]} |")

@@ -90,6 +90,11 @@ def test_a_reused_session_gives_generate_tokens(model_and_tokenizer):
                                             pad_id=options["pad_token_id"], mode="static")
         assert torch.equal(fast, reference), questions
     assert len(model.__dict__[decoding.SESSIONS_ATTR]) == 1, "the second batch reused the first one's session"
+    # SmolLM2 is a llama: the session decoded with q/k/v and gate/up as one product each (5 projections a layer)
+    # and gave generate's tokens all the same; afterwards the model's own layers are back as they were.
+    (session,) = model.__dict__[decoding.SESSIONS_ATTR].values()
+    assert session.fused is not None and len(session.fused.forwards) == 5 * model.config.num_hidden_layers
+    assert not any("forward" in module.__dict__ for module in model.modules())
 
 
 def test_one_row_without_padding_matches_generate(model_and_tokenizer):
@@ -126,6 +131,26 @@ def test_generate_answers_uses_the_fast_loop(model_and_tokenizer, monkeypatch):
     rows = generate_answers(model, tokenizer, QUESTIONS[:2], max_new_tokens=3, batch_size=2, seed=0,
                             repetition_penalty=1.25)
     assert calls == [1.25] and [r["new_tokens"] for r in rows] == [3, 3]
+
+
+def test_a_long_job_asks_for_the_compiled_step(model_and_tokenizer, monkeypatch):
+    # generate_answers picks the decode mode by the job's size: the contrast set records graphs at once, a job of
+    # COMPILE_PAYS_OFF_TOKENS or more compiles first. On the CPU both run the eager loop, with the same answers.
+    model, tokenizer = model_and_tokenizer
+    modes = []
+    real = decoding.greedy_generate
+
+    def spy(*args, **kwargs):
+        modes.append(kwargs["mode"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoding, "greedy_generate", spy)
+    short = generate_answers(model, tokenizer, QUESTIONS[:2], max_new_tokens=3, batch_size=2, seed=0)
+    monkeypatch.setattr(decoding, "COMPILE_PAYS_OFF_TOKENS", 2 * 3)  # this very job is now "long"
+    long = generate_answers(model, tokenizer, QUESTIONS[:2], max_new_tokens=3, batch_size=2, seed=0)
+    assert modes == ["auto", "compile"]
+    assert [r["text"] for r in long] == [r["text"] for r in short]
+    assert decoding.resolve_mode("compile", torch.device("cpu")) == "eager"
 
 
 def test_a_failing_fast_loop_falls_back_to_generate(model_and_tokenizer, monkeypatch, capsys):

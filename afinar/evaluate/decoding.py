@@ -29,7 +29,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from afinar.core.models import model_device
+from afinar.core.models import model_device, unwrap_peft
 
 # One host sync (the "are all rows finished?" read, and the streamed tokens) every this many tokens on a GPU.
 # Waste when every row has finished: at most STOP_CHECK_EVERY - 1 extra steps, each ~2 ms on an H200.
@@ -51,6 +51,12 @@ DEFAULT_COMPILE_MODE = "default"
 MODES = ("auto", "eager", "graphs", "compile", "static")
 # AFINAR_DECODE=eager|graphs|compile overrides "auto" (benchmarks and debugging).
 MODE_ENV = "AFINAR_DECODE"
+
+# A job that may decode at least this many tokens (questions x max_new_tokens) gets "compile" under "auto".
+# Measured on the H200 (BENCHMARKS.md, issue 17): compiling costs ~18 s per batch shape and then saves
+# 1/3,153 - 1/5,446 s per token in batches of 10, so it pays from ~133k tokens actually decoded; answers that stop
+# at EOS decode fewer than their max_new_tokens, hence the margin. Not measured on other cards.
+COMPILE_PAYS_OFF_TOKENS = 200_000
 
 _broken: dict[str, str] = {}  # mode -> why it failed once in this process (never retried, one message)
 
@@ -77,7 +83,8 @@ def greedy_generate(
     import torch
 
     log = log or _stderr_log
-    mode = resolve_mode(mode, input_ids.device if hasattr(input_ids, "device") else None, model)
+    # The model's device decides the loop, not the inputs': _run moves the prompt to the model anyway.
+    mode = resolve_mode(mode, None, model)
     if mode in ("graphs", "compile"):
         try:
             return _run(model, input_ids, attention_mask, max_new_tokens, repetition_penalty, stop_ids, pad_id,
@@ -93,6 +100,11 @@ def greedy_generate(
                 torch.cuda.synchronize()
     return _run(model, input_ids, attention_mask, max_new_tokens, repetition_penalty, stop_ids, pad_id,
                 on_tokens, "static" if mode == "static" else "eager")
+
+
+def mode_for_job(decode_tokens: int) -> str:
+    """The mode a job of this size asks for: "compile" when its compilation pays off, else "auto" (graphs)."""
+    return "compile" if decode_tokens >= COMPILE_PAYS_OFF_TOKENS else "auto"
 
 
 def resolve_mode(mode: str, device, model=None) -> str:
@@ -228,7 +240,16 @@ class _Session:
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.state: _State | None = None
         self.replay: Callable[[], None] | None = None
-        self.step = _compiled_step(self._step) if mode == "compile" else self._step
+        self.fused = _FusedProjections.of(model)
+        self._decode = _compiled_step(self._step) if mode == "compile" else self._step
+
+    def step(self) -> None:
+        """One decode step; the fused projections are in place only while it runs (and while it is recorded)."""
+        if self.fused is None:
+            self._decode()
+            return
+        with self.fused.installed():
+            self._decode()
 
     def start(self, input_ids, attention_mask):
         """Load a new prompt batch; returns its prefill positions."""
@@ -256,6 +277,88 @@ class _Session:
         out = self.model(input_ids=self.state.token.view(self.batch, 1), attention_mask=self.mask,
                          position_ids=self.position, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         self.state.take(out.logits[:, -1].to(dtype=self.state.dtype))
+
+
+# Model types whose attention calls q_proj, k_proj, v_proj (in that order) on one input and whose MLP calls
+# gate_proj then up_proj on one input: the order _FusedProjections relies on.
+FUSABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class _FusedProjections:
+    """q/k/v of each attention, and gate/up of each MLP, as one matrix product each while a session decodes.
+
+    Decoding one token reads every weight once, and a small matrix product (k_proj and v_proj are 2048x512 on
+    Llama-3.2-1B) takes a kernel launch and a few microseconds whatever its size: measured on the H200, q/k/v cost
+    16 us a layer as three products and the step is ~300 kernels. One product over the concatenated weights
+    reads the same bytes in one kernel. The first projection of a group computes the whole product and
+    returns its slice; the next ones return theirs. The fused weights are copies (the model's own parameters
+    are untouched, so saving, merging and training see nothing), held by the session: ~1.3 GB for a 1B model.
+    """
+
+    def __init__(self, groups):
+        import torch
+
+        # (module, its fused forward), made once: torch.compile guards on these function objects, so a session's
+        # later calls (and the CUDA graph recording) must see the very same ones or it would compile again.
+        self.forwards = []
+        for linears in groups:
+            weight = torch.cat([linear.weight for linear in linears]).contiguous()
+            sizes = [linear.out_features for linear in linears]
+            slot = _Slot()
+            self.forwards += [(linear, _group_slice(weight, sizes, index, slot)) for index, linear in enumerate(linears)]
+
+    @classmethod
+    def of(cls, model) -> "_FusedProjections | None":
+        """The fused projections of a plain transformers model of a known layout; None for anything else."""
+        import torch
+
+        causal_lm = unwrap_peft(model)
+        if getattr(getattr(causal_lm, "config", None), "model_type", None) not in FUSABLE_MODEL_TYPES:
+            return None
+        groups = []
+        for module in causal_lm.modules():
+            for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+                linears = [getattr(module, name, None) for name in names]
+                # Exactly torch's Linear without bias: a LoRA layer, a 4-bit layer or a bias takes another path.
+                if all(type(linear) is torch.nn.Linear and linear.bias is None for linear in linears):
+                    groups.append(linears)
+        return cls(groups) if groups else None
+
+    def installed(self):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def patched():
+            try:
+                for linear, forward in self.forwards:
+                    linear.forward = forward
+                yield
+            finally:
+                for linear, _ in self.forwards:
+                    linear.__dict__.pop("forward", None)
+
+        return patched()
+
+
+class _Slot:
+    """The slices of one fused product, between the call of the group's first projection and its last."""
+
+    parts: list | None = None
+
+
+def _group_slice(weight, sizes, index, slot):
+    """The forward of member `index` of a fused group: the first computes the product, each returns its slice."""
+    import torch
+
+    def forward(x):
+        if index == 0:
+            slot.parts = list(torch.nn.functional.linear(x, weight).split(sizes, dim=-1))
+        part = slot.parts[index]
+        if index == len(sizes) - 1:
+            slot.parts = None  # nothing stays alive past the group (nor becomes an output of the compiled step)
+        return part
+
+    return forward
 
 
 def _session(model, mode, batch, total, penalty, stop_ids, pad_id, device) -> _Session:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Sequence, TextIO
 from afinar.core.errors import UserError
 from afinar.core.models import free_gpu_memory, model_device, unwrap_peft
 from afinar.core.prompts import ensure_pad_token, question_messages, user_text
+from afinar.evaluate.decoding import mode_for_job
 from afinar.evaluate.questions import question_text
 
 # 200 tokens: the training answers are short paragraphs (44-75 tokens with the SmolLM2 tokenizer, fewer with
@@ -69,6 +70,8 @@ def generate_answers(
     # Similar lengths share a batch, so little compute goes to padding; rows are put back in order at the end.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     options = _generate_options(model, tokenizer, max_new_tokens, do_sample, repetition_penalty)
+    # Short jobs (the contrast set) decode with recorded graphs at once; a long evaluation compiles the step first.
+    options["decode_mode"] = mode_for_job(len(prompts) * max_new_tokens)
     _seed_everything(seed)
 
     results: dict[int, dict[str, Any]] = {}
@@ -263,7 +266,7 @@ def _continue(model, batch: dict[str, Any], options: dict[str, Any], on_tokens=N
                                    max_new_tokens=options["max_new_tokens"],
                                    repetition_penalty=options["repetition_penalty"],
                                    stop_ids=options["eos_token_id"], pad_id=options["pad_token_id"],
-                                   on_tokens=on_tokens)
+                                   on_tokens=on_tokens, mode=options.get("decode_mode", "auto"))
         except Exception as err:  # noqa: BLE001 - a model whose forward the loop cannot drive still answers
             if _is_out_of_memory(err):
                 raise

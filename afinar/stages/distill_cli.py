@@ -1,4 +1,4 @@
-"""Command line of 00_destilar.py: flags, input checks and building the teacher, then afinar.data.distill does the rest."""
+"""Command line of 00_destilar.py: flags, input checks and building the teacher; afinar.data.distill does the rest."""
 
 from __future__ import annotations
 
