@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import yaml
+from fake_http import send_json
 
 LFS_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".onnx", ".npz", ".zip")
 LFS_MIN_SIZE = 10 * 1024 * 1024
@@ -128,14 +129,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def _send(self, status: int, payload: Any = None, headers: dict[str, str] | None = None) -> None:
-        body = b"" if payload is None else json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(body)
+        send_json(self, status, b"" if payload is None else json.dumps(payload).encode(), headers)
 
     def _error(self, status: int, message: str) -> None:
         self._send(status, {"error": message}, {"X-Error-Message": message})

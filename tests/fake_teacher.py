@@ -24,6 +24,8 @@ import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from fake_http import send_json
+
 _SUBJECTS = ["la clorofila", "el cloroplasto", "la hoja", "el estroma", "la planta", "el fotosistema dos",
              "la enzima rubisco", "el tilacoide", "la célula del mesófilo", "el estoma", "la raíz", "el alga verde",
              "la cadena de transporte", "el pigmento accesorio", "la membrana interna", "el floema"]
@@ -150,13 +152,7 @@ class FakeTeacher:
 
     def _send(self, handler, status: int, payload: bytes, headers: dict | None = None) -> None:
         try:
-            handler.send_response(status)
-            handler.send_header("Content-Type", "application/json")
-            handler.send_header("Content-Length", str(len(payload)))
-            for name, value in (headers or {}).items():
-                handler.send_header(name, value)
-            handler.end_headers()
-            handler.wfile.write(payload)
+            send_json(handler, status, payload, headers)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout) before this answer: what a slow real server sees too
 

@@ -114,41 +114,40 @@ def test_one_row_without_padding_matches_generate(model_and_tokenizer):
     assert len(streamed) == fast.shape[1] and [t for part in streamed for t in part] == fast[0].tolist()
 
 
-def test_generate_answers_uses_the_fast_loop(model_and_tokenizer, monkeypatch):
-    model, tokenizer = model_and_tokenizer
+@pytest.fixture
+def loop_calls(monkeypatch):
+    """The keyword arguments of every call to the real greedy loop, which still runs."""
     calls = []
     real = decoding.greedy_generate
 
     def spy(*args, **kwargs):
-        calls.append(kwargs["repetition_penalty"])
+        calls.append(kwargs)
         return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoding, "greedy_generate", spy)
+    return calls
+
+
+def test_generate_answers_uses_the_fast_loop(model_and_tokenizer, monkeypatch, loop_calls):
+    model, tokenizer = model_and_tokenizer
 
     def no_generate(*args, **kwargs):
         raise AssertionError("generate_answers must not call model.generate for greedy answers")
 
-    monkeypatch.setattr(decoding, "greedy_generate", spy)
     monkeypatch.setattr(model, "generate", no_generate)
     rows = generate_answers(model, tokenizer, QUESTIONS[:2], max_new_tokens=3, batch_size=2, seed=0,
                             repetition_penalty=1.25)
-    assert calls == [1.25] and [r["new_tokens"] for r in rows] == [3, 3]
+    assert [c["repetition_penalty"] for c in loop_calls] == [1.25] and [r["new_tokens"] for r in rows] == [3, 3]
 
 
-def test_a_long_job_asks_for_the_compiled_step(model_and_tokenizer, monkeypatch):
+def test_a_long_job_asks_for_the_compiled_step(model_and_tokenizer, monkeypatch, loop_calls):
     # generate_answers picks the decode mode by the job's size: the contrast set records graphs at once, a job of
     # COMPILE_PAYS_OFF_TOKENS or more compiles first. On the CPU both run the eager loop, with the same answers.
     model, tokenizer = model_and_tokenizer
-    modes = []
-    real = decoding.greedy_generate
-
-    def spy(*args, **kwargs):
-        modes.append(kwargs["mode"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(decoding, "greedy_generate", spy)
     short = generate_answers(model, tokenizer, QUESTIONS[:2], max_new_tokens=3, batch_size=2, seed=0)
     monkeypatch.setattr(decoding, "COMPILE_PAYS_OFF_TOKENS", 2 * 3)  # this very job is now "long"
     long = generate_answers(model, tokenizer, QUESTIONS[:2], max_new_tokens=3, batch_size=2, seed=0)
-    assert modes == ["auto", "compile"]
+    assert [c["mode"] for c in loop_calls] == ["auto", "compile"]
     assert [r["text"] for r in long] == [r["text"] for r in short]
     assert decoding.resolve_mode("compile", torch.device("cpu")) == "eager"
 

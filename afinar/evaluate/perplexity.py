@@ -15,25 +15,14 @@ from afinar.core.prompts import ensure_pad_token, tokenize_example
 from afinar.evaluate.logprobs import right_padded, sequence_logps
 
 
-def perplexity(
-    model,
-    tokenizer,
-    entries: Sequence[dict[str, Any]],
-    *,
-    max_seq_length: int,
-    batch_size: int = 8,
-    source: str = "el conjunto de evaluación",
-) -> float:
-    """exp(token-weighted mean negative log-likelihood of the response tokens).
+def perplexity(model, tokenizer, entries: Sequence[dict[str, Any]], **options) -> float:
+    """exp(token-weighted mean negative log-likelihood of the response tokens); options as in response_nll.
 
     Token-weighted (not a mean of per-entry perplexities), so long and short answers count per token and the
     result does not depend on how the entries are batched. Raises UserError for malformed entries (naming
     `source`, the entry number and the field) or when there is nothing to score.
     """
-    if batch_size < 1:
-        raise UserError(f"El tamaño de lote para la perplejidad debe ser al menos 1 (se pidió {batch_size}).")
-    total_nll, total_tokens = response_nll(model, tokenizer, entries, max_seq_length=max_seq_length,
-                                           batch_size=batch_size, source=source)
+    total_nll, total_tokens = response_nll(model, tokenizer, entries, **options)
     return math.exp(total_nll / total_tokens)
 
 
@@ -49,6 +38,8 @@ def response_nll(
     """(summed negative log-likelihood in nats, number of scored tokens) over all entries."""
     import torch
 
+    if batch_size < 1:
+        raise UserError(f"El tamaño de lote para la perplejidad debe ser al menos 1 (se pidió {batch_size}).")
     if not entries:
         raise UserError(f"No hay entradas en {source} para medir la perplejidad.")
     ensure_pad_token(tokenizer)
