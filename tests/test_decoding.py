@@ -96,6 +96,27 @@ def test_a_reused_session_gives_generate_tokens(model_and_tokenizer):
     assert session.fused is not None and len(session.fused.forwards) == 5 * model.config.num_hidden_layers
     assert not any("forward" in module.__dict__ for module in model.modules())
 
+    # Weights changed in place after the session was made: the reused session must answer with the new weights,
+    # as generate does, not with its fused copies of the old ones. (x2 and /2 are exact in fp32.)
+    layer = model.model.layers[0]
+    changed = (layer.self_attn.k_proj.weight, layer.mlp.up_proj.weight)
+    with torch.no_grad():
+        for weight in changed:
+            weight.mul_(2)
+    try:
+        batch = left_padded_batch(tokenizer, [chat_prompt_ids(tokenizer, question_messages(q)) for q in QUESTIONS])
+        with torch.inference_mode():
+            reference = reference_generate(model, batch, options)
+            fast = decoding.greedy_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=8,
+                                            repetition_penalty=1.15, stop_ids=options["eos_token_id"],
+                                            pad_id=options["pad_token_id"], mode="static")
+        assert len(model.__dict__[decoding.SESSIONS_ATTR]) == 1, "the same session, refreshed"
+        assert torch.equal(fast, reference)
+    finally:
+        with torch.no_grad():
+            for weight in changed:
+                weight.div_(2)
+
 
 def test_one_row_without_padding_matches_generate(model_and_tokenizer):
     # The chat case: one sequence, no padding, the default penalty; token limit short to keep the test quick.

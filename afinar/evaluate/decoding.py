@@ -173,6 +173,8 @@ def _run_static(model, input_ids, attention_mask, max_new_tokens, penalty, stop_
     batch, width = input_ids.shape
     total = -(-(width + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
     session = _session(model, mode, batch, total, penalty, stop_ids, pad_id, device)
+    if session.fused is not None:
+        session.fused.refresh()
     positions = session.start(input_ids, attention_mask)
     prefill = model(input_ids=input_ids, attention_mask=session.mask, position_ids=positions,
                     past_key_values=session.cache, use_cache=True, logits_to_keep=1)
@@ -301,11 +303,30 @@ class _FusedProjections:
         # (module, its fused forward), made once: torch.compile guards on these function objects, so a session's
         # later calls (and the CUDA graph recording) must see the very same ones or it would compile again.
         self.forwards = []
+        self.groups = []  # (the group's layers, their fused copy)
         for linears in groups:
             weight = torch.cat([linear.weight for linear in linears]).contiguous()
             sizes = [linear.out_features for linear in linears]
             slot = _Slot()
             self.forwards += [(linear, _group_slice(weight, sizes, index, slot)) for index, linear in enumerate(linears)]
+            self.groups.append((linears, weight))
+        self.versions = self._versions()
+
+    def _versions(self) -> list[int]:
+        return [linear.weight._version for linears, _ in self.groups for linear in linears]
+
+    def refresh(self) -> None:
+        """Copy the layers' weights again if any changed in place since (a recorded graph replays the copies,
+        whereas the unfused layers it reads at their own addresses would already show the change)."""
+        import torch
+
+        now = self._versions()
+        if now == self.versions:
+            return
+        with torch.inference_mode():  # the copies were made under inference mode; same addresses, graph still valid
+            for linears, weight in self.groups:
+                weight.copy_(torch.cat([linear.weight for linear in linears]))
+        self.versions = now
 
     @classmethod
     def of(cls, model) -> "_FusedProjections | None":
