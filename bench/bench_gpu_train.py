@@ -8,7 +8,7 @@ the anchor script, so bench/run_gpu.sh can print them side by side with the anch
     python bench/bench_gpu_train.py NAME
 Environment (all optional):
   ENGINE auto|compiled|eager|unsloth   LOAD4 1|0 (4-bit base, the seed's setting)   PRECISION bf16|fp16
-  FP8 1|0 (default: the plan's, on for Hopper)   GC 1|0 (gradient checkpointing; default: the plan's)   LOSS auto|response_only   COMPILE 1|0   PACK 1|0   DEQUANT 1|0   OPEN_ROWS n   ATTN flex_attention|sdpa   BATCH (rows; default: the plan's)
+  FP8 1|0 (default: the plan's, on for Hopper)   GC 1|0 (gradient checkpointing; default: the plan's)   LOSS auto|trl|response_only   COMPILE 1|0   PACK 1|0   DEQUANT 1|0   OPEN_ROWS n   ATTN flex_attention|sdpa   BATCH (rows; default: the plan's)
   MEM_GIB (plan as if the card had this much memory, and cap this process to it with
   torch.cuda.set_per_process_memory_fraction)   EMULATE=t4 (plan as for a Colab T4: 14.7 GiB, capability 7.5,
   no bf16 so fp16, no FP8; memory capped likewise)   N_EX, WARM, STEPS, MODEL_DIR, OUT
@@ -70,12 +70,22 @@ def categorize(name: str) -> str:
     return "elementwise / reducciones"
 
 
-def profile_step(step_fn) -> dict:
+def start_profile():
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step_fn()
-        torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    prof.__enter__()
+    return prof
+
+
+def profile_summary(prof) -> dict:
+    """GPU time of one whole step (training_step, optimizer, callbacks, the next batch) by kind of kernel, and
+    where the GPU sat idle: each gap between kernels with the CPU work that overlapped it (what it waited for)."""
+    from torch.autograd import DeviceType
+
+    torch.cuda.synchronize()
+    prof.__exit__(None, None, None)
     shares: dict[str, float] = {}
     top = []
     for event in prof.key_averages():
@@ -88,7 +98,34 @@ def profile_step(step_fn) -> dict:
     total = sum(shares.values())
     for ms, count, key in top[:25]:
         print(f"  {ms:9.1f} ms  x{count:<5d} {key}")
-    return {"gpu_ms": round(total, 1), "by_kind_ms": {k: round(v, 1) for k, v in sorted(shares.items(), key=lambda kv: -kv[1])}}
+    events = prof.events()
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events
+                     if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    span_start = min(e.time_range.start for e in cpu)
+    span_end = max(e.time_range.end for e in cpu)
+    gaps, busy, reach = [], 0.0, span_start
+    for start, end in kernels + [(span_end, span_end)]:
+        if start > reach:
+            gaps.append((reach, start))
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    wall = (span_end - span_start) / 1000
+    idle = []
+    for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:15]:
+        overlapping = sorted(((min(e.time_range.end, b) - max(e.time_range.start, a), e.name[:60]) for e in cpu
+                              if e.time_range.start < b and e.time_range.end > a and
+                              e.time_range.end - e.time_range.start < 4 * (b - a) + 1000), reverse=True)[:4]
+        idle.append({"ms": round((b - a) / 1000, 2), "at_ms": round((a - span_start) / 1000, 1),
+                     "cpu": [f"{name} ({t / 1000:.1f})" for t, name in overlapping]})
+    idle_ms = sum(b - a for a, b in gaps) / 1000
+    print(f"  paso completo: {wall:.1f} ms; GPU ocupada {busy / 1000:.1f} ms; "
+          f"parada {idle_ms:.1f} ms en {len(gaps)} huecos", flush=True)
+    for gap in idle:
+        print(f"  hueco {gap['ms']:7.2f} ms a {gap['at_ms']:7.1f} ms: {'; '.join(gap['cpu'])}", flush=True)
+    return {"gpu_ms": round(total, 1), "by_kind_ms": {k: round(v, 1) for k, v in sorted(shares.items(), key=lambda kv: -kv[1])},
+            "span_ms": round(wall, 1), "busy_ms": round(busy / 1000, 1), "idle_ms": round(idle_ms, 1),
+            "gaps": len(gaps), "largest_gaps": idle}
 
 
 def main() -> None:
@@ -127,7 +164,7 @@ def main() -> None:
         plan.dequantize_4bit = os.environ["DEQUANT"] == "1" and resolved["load_in_4bit"]
     loss_impl = os.environ.get("LOSS", "auto")
     if loss_impl not in training.LOSS_IMPLS:
-        sys.exit(f"LOSS={loss_impl}: must be one of {training.LOSS_IMPLS} (LOSS=trl of earlier runs is now auto)")
+        sys.exit(f"LOSS={loss_impl}: must be one of {training.LOSS_IMPLS}")
     resolved.update(batch_size=plan.batch_size, packing=plan.packing)
     precision = os.environ.get("PRECISION") or plan.precision or ("bf16" if device.bf16 else "fp16")
 
@@ -143,6 +180,7 @@ def main() -> None:
     stamps: list[tuple[float, int]] = []
     losses: list[float] = []
     profiled: dict = {}
+    running: list = []  # the profiler, while it records
     original_class = training._make_trainer_class
 
     class Stamp(TrainerCallback):
@@ -163,16 +201,12 @@ def main() -> None:
                 self.add_callback(Stamp(self))
 
             def training_step(self, *a, **k):
-                if os.environ.get("PROFILE") and len(stamps) == WARM and not profiled:
-                    out = None
-
-                    def run():
-                        nonlocal out
-                        out = base.training_step(self, *a, **k)
-
-                    profiled.update(profile_step(run))
-                else:
-                    out = super().training_step(*a, **k)
+                # The profile covers one whole optimizer step: from this training_step to the next one.
+                if os.environ.get("PROFILE") and len(stamps) == WARM and not profiled and not running:
+                    running.append(start_profile())
+                elif running and len(stamps) == WARM + 1:
+                    profiled.update(profile_summary(running.pop()))
+                out = super().training_step(*a, **k)
                 if os.environ.get("CURVE"):
                     losses.append(round(float(out), 5))
                 return out
@@ -187,8 +221,9 @@ def main() -> None:
                                  fixed_length=plan.compile_layers, open_rows=plan.open_rows,
                                  gradient_checkpointing=plan.trainer_checkpointing,
                                  kernel_fallback=engine.kernel_fallback(model, plan))
-    # The profiled step is slower (profiler overhead): time the steps after it.
-    first = WARM + (1 if profiled else 0)
+    # The profiled step is slower (profiler overhead), and the next one starts with reading the profile:
+    # time the steps after both.
+    first = WARM + (2 if profiled else 0)
     (t_a, n_a), (t_b, n_b) = stamps[first - 1], stamps[-1]
     result = {"mode": "afinar_" + NAME, "engine": plan.engine, "load_in_4bit": resolved["load_in_4bit"],
               "dequantize_4bit": plan.dequantize_4bit, "fp8": plan.fp8_base, "fp8_drift": plan.fp8_drift,

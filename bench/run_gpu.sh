@@ -73,6 +73,9 @@ train)
     rc=$?
     echo "== $kind $name rc=$rc $(( $(date +%s) - t0 ))s"; grep -E "^RESULT" "$log" | cut -c1-400; [ $rc = 0 ] || tail -4 "$log"
   done
+  # REF_CURVE: a stored afinar_curve_ref.json (same data, seed and batch) to compare this call's curve_ours with,
+  # when the slow reference path does not fit in the call.
+  [ -n "${REF_CURVE:-}" ] && cp "$REF_CURVE" "$RES/afinar_curve_ref.json"
   if [ -z "${NO_SUMMARY:-}" ]; then
     python3 bench/summarize_gpu.py "$RES" && cp "$RES/latest.json" "$OUT/latest.json"
     tar czf "$OUT/bench_logs.tgz" -C "$RES" .

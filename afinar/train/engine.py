@@ -33,12 +33,18 @@ COMPILED_MIN_CAPABILITY = (7, 5)
 # The share of the card a plan may fill: a 16 GB card must stay under 12 GiB (the rest goes to the CUDA
 # context, the allocator's fragmentation and whatever else the notebook holds).
 MEMORY_SHARE = 0.8
-# Measured on an H200 at Llama-3.2-1B shape, with gradient checkpointing (TRL's SFTConfig turns it on by
-# default, and every GPU measurement so far ran with it; bench/bench_gpu_train.py, compiled engine: 9.45 GiB
-# peak for 16 rows of 2048, 17.7 GiB for 32 with the FP8 base): activation memory per token of a training
-# step (rounded up), and what the weights, the optimizer and the loss tiles add.
+# Measured on an H200 at Llama-3.2-1B shape (bench/bench_gpu_train.py, compiled engine): activation memory per
+# token of a training step (rounded up), with and without gradient checkpointing, and what the weights, the
+# optimizer and the loss tiles add. With checkpointing: 9.45 GiB peak for 16 rows of 2048, 17.7 GiB for 32
+# with the FP8 base; without: 86.7 GiB for 32 rows (2026-12-02).
 ACTIVATION_GIB_PER_TOKEN = 0.25 / 1024
+ACTIVATION_GIB_PER_TOKEN_NO_CHECKPOINTING = 1.35 / 1024
 FIXED_GIB = 4.0
+# Checkpointing recomputes each layer's forward in the backward: without it a step did 31 % more tokens a
+# second on the H200 (68,747 -> 90,255 at 32 rows, same call). It is worth its memory where at least this many
+# rows fit without it; below that (16 GB cards: 2 rows) the per-step overhead would eat the gain, and the
+# checkpointed plan is the one measured there.
+MIN_ROWS_WITHOUT_CHECKPOINTING = 16
 # 32 rows of 2048 on an H200: +2.7 % over 16 rows with the FP8 base, 17.7 GiB (BENCHMARKS.md); beyond that
 # the step is already bound by the matmuls.
 MAX_TOKENS_PER_STEP = 65536
@@ -72,12 +78,12 @@ class Plan:
         return None if self.engine == "unsloth" else self.gradient_checkpointing
 
 
-def _compiled_batch(memory_gib: float, max_seq_length: int) -> int:
-    """Rows per step that fit in MEMORY_SHARE of the card (at least 1), capped at MAX_TOKENS_PER_STEP."""
+def _compiled_batch(memory_gib: float, max_seq_length: int, per_token: float = ACTIVATION_GIB_PER_TOKEN) -> int:
+    """Rows per step that fit in MEMORY_SHARE of the card (0 when none does), capped at MAX_TOKENS_PER_STEP."""
     row = max(max_seq_length, 1)
     budget = max(memory_gib * MEMORY_SHARE - FIXED_GIB, 0.0)
-    rows = int(budget / (row * ACTIVATION_GIB_PER_TOKEN))
-    return max(1, min(rows, max(MAX_TOKENS_PER_STEP // row, 1)))
+    rows = int(budget / (row * per_token))
+    return min(rows, max(MAX_TOKENS_PER_STEP // row, 1))
 
 
 def plan(settings: dict[str, Any], device: DeviceInfo, requested: str = "auto",
@@ -130,21 +136,27 @@ def plan(settings: dict[str, Any], device: DeviceInfo, requested: str = "auto",
             reasons.append("FP8 automático: las multiplicaciones de la base congelada en e4m3 (capacidad "
                            f"{device.capability}); LoRA, normas, atención y pérdida siguen en bf16"
                            if want_fp8 is None else "--fp8: multiplicaciones de la base congelada en e4m3")
-        auto_batch = _compiled_batch(memory, settings["max_seq_length"])
-        if memory < 35:
-            reasons.append(f"{memory:.0f} GiB: la base descuantizada (~2,5 GB en un modelo 1B) y el lote caben en el "
-                           f"{MEMORY_SHARE * 100:.0f} % de la tarjeta con checkpointing")
-        # Checkpointing stays on: it is what was measured (TRL's default). Without it the forward would not
-        # be recomputed (~1/3 of the layers' matmuls) for several times the activation memory: not measured yet.
-        reasons.append("checkpointing de gradientes: la configuración medida en la H200 (BENCHMARKS.md)")
-        if batch is None:
-            reasons.append(f"lote automático: {auto_batch} filas de hasta {settings['max_seq_length']} tokens "
-                           f"caben en el {MEMORY_SHARE * 100:.0f} % de {memory:.0f} GiB")
-            if packed_rows and packed_rows // MIN_STEPS_PER_EPOCH < auto_batch:
-                auto_batch = max(1, packed_rows // MIN_STEPS_PER_EPOCH)
-                reasons.append(f"los datos caben en {packed_rows} filas: lote de {auto_batch} para dar al menos "
-                               f"{MIN_STEPS_PER_EPOCH} pasos por época")
-        return Plan("compiled", "hf", batch or auto_batch, True if packing is None else packing, True,
+        length = settings["max_seq_length"]
+        # The rows a step should have: the user's, or as many as MAX_TOKENS_PER_STEP, fewer for small data.
+        wanted = batch or max(MAX_TOKENS_PER_STEP // max(length, 1), 1)
+        if not batch and packed_rows and packed_rows // MIN_STEPS_PER_EPOCH < wanted:
+            wanted = max(1, packed_rows // MIN_STEPS_PER_EPOCH)
+            reasons.append(f"los datos caben en {packed_rows} filas: lote de hasta {wanted} para dar al menos "
+                           f"{MIN_STEPS_PER_EPOCH} pasos por época")
+        fit_plain = _compiled_batch(memory, length, ACTIVATION_GIB_PER_TOKEN_NO_CHECKPOINTING)
+        checkpointing = fit_plain < (wanted if batch else min(wanted, MIN_ROWS_WITHOUT_CHECKPOINTING))
+        fit = max(1, _compiled_batch(memory, length) if checkpointing else fit_plain)
+        share = f"el {MEMORY_SHARE * 100:.0f} % de {memory:.0f} GiB"
+        if checkpointing:
+            reasons.append(f"checkpointing de gradientes: sin él solo caben {fit_plain} filas de {length} tokens en "
+                           f"{share} (la base descuantizada ocupa ~2,5 GB en un modelo 1B)")
+        else:
+            reasons.append(f"sin checkpointing de gradientes: {fit_plain} filas de {length} tokens caben en {share} "
+                           f"sin recalcular nada (+31 % medido en la H200, BENCHMARKS.md)")
+        if not batch:
+            auto_batch = min(wanted, fit)
+            reasons.append(f"lote automático: {auto_batch} filas de hasta {length} tokens")
+        return Plan("compiled", "hf", batch or auto_batch, True if packing is None else packing, checkpointing,
                     dequantize_4bit=bool(settings.get("load_in_4bit")), attn_implementation="flex_attention",
                     compile_layers=True, open_rows=8, fp8_base=fp8_base,
                     precision="bf16" if device.bf16 else "fp16", reasons=reasons)
