@@ -8,7 +8,7 @@ the anchor script, so bench/run_gpu.sh can print them side by side with the anch
     python bench/bench_gpu_train.py NAME
 Environment (all optional):
   ENGINE auto|compiled|eager|unsloth   LOAD4 1|0 (4-bit base, the seed's setting)   PRECISION bf16|fp16
-  FP8 1|0 (default: the plan's, on for Hopper)   GC 1|0 (gradient checkpointing; default: the plan's)   LOSS auto|trl|response_only   COMPILE 1|0   PACK 1|0   DEQUANT 1|0   OPEN_ROWS n   ATTN flex_attention|sdpa   BATCH (rows; default: the plan's)
+  FP8 1|0 (default: the plan's, on for Hopper)   GC 1|0 (gradient checkpointing; default: the plan's)   LOSS auto|response_only   COMPILE 1|0   PACK 1|0   DEQUANT 1|0   OPEN_ROWS n   ATTN flex_attention|sdpa   BATCH (rows; default: the plan's)
   MEM_GIB (plan as if the card had this much memory, and cap this process to it with
   torch.cuda.set_per_process_memory_fraction)   EMULATE=t4 (plan as for a Colab T4: 14.7 GiB, capability 7.5,
   no bf16 so fp16, no FP8; memory capped likewise)   N_EX, WARM, STEPS, MODEL_DIR, OUT

@@ -70,15 +70,13 @@ def response_only_loss(model, inputs: dict, num_items_in_batch=None, row_lengths
     return total / count
 
 
-LOSS_IMPLS = ("auto", "trl", "response_only")
+LOSS_IMPLS = ("auto", "response_only")
 
 
 def uses_fused_head(loss_impl: str) -> bool:
-    """loss_impl "auto" = TRL's Triton fused LM head where Triton runs (GPU), called without TRL's per-step
-    metric reads, and our response-only loss on CPU, where TRL's crashes; "trl" = TRL's own compute_loss
-    (the fused head plus its entropy and token-accuracy metrics, read every step); "response_only" = ours
-    everywhere (full logits of the response positions)."""
-    return loss_impl in ("auto", "trl") and triton_available()
+    """loss_impl "auto" = TRL's Triton fused LM head where Triton runs (GPU), our response-only loss on CPU,
+    where TRL's crashes; "response_only" = ours everywhere (full logits of the response positions)."""
+    return loss_impl == "auto" and triton_available()
 
 
 def _make_trainer_class(loss_impl: str = "auto"):
@@ -87,20 +85,9 @@ def _make_trainer_class(loss_impl: str = "auto"):
     from trl import SFTTrainer
 
     use_fused_head = uses_fused_head(loss_impl)
-    quiet_head = use_fused_head and loss_impl == "auto"
 
     class AfinarTrainer(SFTTrainer):
         """SFTTrainer that keeps our data order, counts real tokens and stops on a non-finite loss."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            if quiet_head:
-                from trl.trainer.utils import add_fused_lm_head
-
-                # TRL patched the head to also return entropy and top-1 hits for its metrics; ours only need
-                # the log-probabilities, and each extra output costs work in every tile of the vocabulary.
-                inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-                add_fused_lm_head(inner, outputs=("log_probs",))
 
         real_tokens = 0
         kernel_fallback = None  # afinar.train.engine.kernel_fallback, until the first step has run
@@ -115,9 +102,7 @@ def _make_trainer_class(loss_impl: str = "auto"):
                 # The periodic evaluation: the same response-only loss, and no training-token count.
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             self.real_tokens += tokens
-            if quiet_head and not return_outputs:
-                result = self._fused_head_loss(model, inputs, num_items_in_batch)
-            elif use_fused_head:
+            if use_fused_head:
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             elif model is self.model and not return_outputs:
                 # TRL 1.15 always routes through a Triton-only fused LM head, which crashes on CPU
@@ -139,18 +124,6 @@ def _make_trainer_class(loss_impl: str = "auto"):
                 bad_now = (~finite) & (self.first_bad_step == 0)
                 self.first_bad_step = torch.where(bad_now, self.state.global_step + 1, self.first_bad_step)
             return result
-
-        def _fused_head_loss(self, model, inputs, num_items_in_batch):
-            """The loss TRL's compute_loss computes through its fused LM head, without the rest of it: TRL
-            then reads entropy, token accuracy and the token count with .item(), three waits for the GPU
-            in every step, for metrics this project never logs (its own are loss, rate and grad norm)."""
-            outputs = model(**inputs, use_cache=False, fused_lm_head=True)
-            count = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-            loss = -outputs.log_probs.sum() / torch.as_tensor(count).clamp(min=1)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                # As Trainer.compute_loss: the count is every rank's, and DDP averages the gradients.
-                loss = loss * self.accelerator.num_processes
-            return loss
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             if self.kernel_fallback is None:
