@@ -23,15 +23,85 @@ if str(ROOT) not in sys.path:
 
 def run_script(*args: str, env: dict | None = None, timeout: int = 900, check: bool = True,
                cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """Run a numbered script in a subprocess, offline, and return its completed process."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-                **(env or {})}
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    """Run a numbered script in its own process, offline, and return its completed process.
+
+    The process is a fork of tests/zygote.py, which has the heavy libraries imported already (~12 s a run on
+    the CI machine), or a plain `python3 ...` where that could differ (tests/zygote.py: usable_for)."""
+    full_env = {**os.environ, **SCRIPT_ENV, **(env or {})}
+    zygote = _Zygote.get()
+    if zygote is not None and zygote.usable_for(list(args), full_env):
+        proc = zygote.run(list(args), full_env, cwd, timeout)
+    else:
+        proc = subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                              timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} salió con {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
                              f"STDERR:\n{proc.stderr[-4000:]}")
     return proc
+
+
+SCRIPT_ENV = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class _Zygote:
+    """One tests/zygote.py per pytest worker, started at the first script run and stopped with the worker."""
+
+    _instance: "_Zygote | None" = None
+    _failed = False
+
+    @classmethod
+    def get(cls) -> "_Zygote | None":
+        if cls._failed or os.environ.get("AFINAR_TEST_PLAIN_SUBPROCESS") == "1":
+            return None
+        if cls._instance is None:
+            try:
+                cls._instance = cls()
+            except Exception as err:  # noqa: BLE001 - any failure: plain subprocesses, as before
+                print(f"[zygote] no disponible ({err}); cada script arranca su propio intérprete", file=sys.stderr)
+                cls._failed = True
+                return None
+        return cls._instance
+
+    def __init__(self):
+        import atexit
+        import json
+        import tempfile
+
+        from zygote import usable_for
+
+        self._json, self._usable_for = json, usable_for
+        self.env = {**os.environ, **SCRIPT_ENV}
+        self.folder = Path(tempfile.mkdtemp(prefix="zygote-"))
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("zygote.py"))], cwd=ROOT,
+                                     env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        atexit.register(self.proc.kill)
+        ready = self.proc.stdout.readline()
+        if not ready or not json.loads(ready).get("ready"):
+            raise RuntimeError("el zygote no arrancó")
+        self.count = 0
+
+    def usable_for(self, argv: list[str], env: dict) -> bool:
+        return self._usable_for(argv, env, self.env)
+
+    def run(self, argv: list[str], env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+        self.count += 1
+        out, err = self.folder / f"{self.count}.out", self.folder / f"{self.count}.err"
+        request = {"argv": argv, "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err),
+                   "timeout": timeout}
+        try:
+            self.proc.stdin.write(self._json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            answer = self._json.loads(self.proc.stdout.readline())
+        except Exception as failure:  # noqa: BLE001 - the zygote died: later runs start their own interpreter
+            type(self)._failed = True
+            raise RuntimeError(f"el zygote de las pruebas dejó de responder: {failure}") from None
+        stdout = out.read_text(encoding="utf-8", errors="replace")
+        stderr = err.read_text(encoding="utf-8", errors="replace")
+        out.unlink(missing_ok=True)
+        err.unlink(missing_ok=True)
+        if answer["timed_out"]:
+            raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, output=stdout, stderr=stderr)
+        return subprocess.CompletedProcess([sys.executable, *argv], answer["returncode"], stdout, stderr)
 
 
 @pytest.fixture(scope="session")
