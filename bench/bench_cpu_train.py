@@ -113,7 +113,7 @@ def run_project(steps: int, warmup: int, precision_flag: str = "auto", project_e
                 lora_layers: int | None = None) -> dict:
     import tempfile
 
-    from afinar.train import frozen_prefix, modeling
+    from afinar.train import engine, frozen_prefix, modeling
     from afinar.core import settings
     from afinar.core.environment import detect_device, precision_for
     from afinar.core.layout import OutputLayout
@@ -148,11 +148,12 @@ def run_project(steps: int, warmup: int, precision_flag: str = "auto", project_e
     training._make_trainer_class = counting_class
     with tempfile.TemporaryDirectory() as tmp:
         data = entries(project_entries or steps * resolved["batch_size"] * 4)
+        plan = engine.plan(resolved, device)  # what stage 03 does on this CPU: its packing included
         metrics = training.train(model, tokenizer, data, layout=OutputLayout.at(tmp), settings=resolved,
-                                 precision=precision, packing=settings.default("packing", "cpu"))
+                                 precision=precision, packing=plan.packing, open_rows=plan.open_rows)
     layers = resolved.get("lora_layers") or "todas"
-    return {"name": f"afinar (03): {precision}, LoRA en capas: {layers}, packing={settings.default('packing', 'cpu')}, "
-                    f"batch {resolved['batch_size']}", "tok_s": clock.rate(warmup),
+    return {"name": f"afinar (03): {precision}, LoRA en capas: {layers}, packing={plan.packing}, "
+                    f"open_rows={plan.open_rows}, batch {resolved['batch_size']}", "tok_s": clock.rate(warmup),
             "entries": len(data), "epochs_covered": round(steps / max(1, -(-metrics["train_examples"] // 4)), 2),
             "frozen_prefix": prefix.summary() if prefix else None}
 
