@@ -6,6 +6,9 @@
 set -u
 # Results and logs go to RES; only latest.json and one archive come back in $OUT (few files travel back).
 RES=${RES:-/tmp/benchres}; mkdir -p "$RES"
+# A machine kept warm between device calls keeps /tmp: results of an earlier call must not enter this call's summary.
+# (Lanes of "pair" share their parent's folder: the parent empties it once, before starting them.)
+[ -n "${NO_SUMMARY:-}" ] || rm -f "$RES"/*.json "$RES"/*.log
 [ -n "${SKIP_SETUP:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
 [ -d /tmp/llama32_1b_shape ] || python3 .gpu/anchor_bench.py make > "$OUT/make.log" 2>&1 || { tail "$OUT/make.log"; exit 1; }
