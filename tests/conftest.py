@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import zygote  # tests/zygote.py: this folder is on sys.path, as pytest puts a conftest's folder there
 
 # pytest-xdist workers (pyproject.toml: -n 2) run side by side, one per core: each one, and every script it starts,
 # uses one thread. Two threads per worker would be four on two cores, and PyTorch's OpenMP threads then wait on each
@@ -28,9 +30,9 @@ def run_script(*args: str, env: dict | None = None, timeout: int = 900, check: b
     The process is a fork of tests/zygote.py, which has the heavy libraries imported already (~12 s a run on
     the CI machine), or a plain `python3 ...` where that could differ (tests/zygote.py: usable_for)."""
     full_env = {**os.environ, **SCRIPT_ENV, **(env or {})}
-    zygote = _Zygote.get()
-    if zygote is not None and zygote.usable_for(list(args), full_env):
-        proc = zygote.run(list(args), full_env, cwd, timeout)
+    server = _Zygote.get()
+    if server is not None and server.usable_for(list(args), full_env):
+        proc = server.run(list(args), full_env, cwd, timeout)
     else:
         proc = subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
                               timeout=timeout)
@@ -64,12 +66,8 @@ class _Zygote:
 
     def __init__(self):
         import atexit
-        import json
         import tempfile
 
-        from zygote import usable_for
-
-        self._json, self._usable_for = json, usable_for
         self.env = {**os.environ, **SCRIPT_ENV}
         self.folder = Path(tempfile.mkdtemp(prefix="zygote-"))
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("zygote.py"))], cwd=ROOT,
@@ -81,7 +79,7 @@ class _Zygote:
         self.count = 0
 
     def usable_for(self, argv: list[str], env: dict) -> bool:
-        return self._usable_for(argv, env, self.env)
+        return zygote.usable_for(argv, env, self.env)
 
     def run(self, argv: list[str], env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
         self.count += 1
@@ -89,9 +87,9 @@ class _Zygote:
         request = {"argv": argv, "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err),
                    "timeout": timeout}
         try:
-            self.proc.stdin.write(self._json.dumps(request) + "\n")
+            self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
-            answer = self._json.loads(self.proc.stdout.readline())
+            answer = json.loads(self.proc.stdout.readline())
         except Exception as failure:  # noqa: BLE001 - the zygote died: later runs start their own interpreter
             type(self)._failed = True
             raise RuntimeError(f"el zygote de las pruebas dejó de responder: {failure}") from None

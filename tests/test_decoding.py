@@ -75,6 +75,17 @@ def test_fast_loop_gives_generate_tokens_with_penalty_and_eos(model_and_tokenize
 
 
 @pytest.mark.slow
+def _generate_and_static(model, tokenizer, questions, options):
+    """(generate's tokens, the static session's tokens) for one left-padded batch of `questions`, 8 new tokens."""
+    batch = left_padded_batch(tokenizer, [chat_prompt_ids(tokenizer, question_messages(q)) for q in questions])
+    with torch.inference_mode():
+        reference = reference_generate(model, batch, options)
+        fast = decoding.greedy_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=8,
+                                        repetition_penalty=1.15, stop_ids=options["eos_token_id"],
+                                        pad_id=options["pad_token_id"], mode="static")
+    return reference, fast
+
+
 def test_a_reused_session_gives_generate_tokens(model_and_tokenizer):
     # The GPU path keeps one session (static cache, buffers, recorded step) per batch shape and reuses it for the
     # next batch of that shape: nothing of the first batch may leak into the second (cache, penalty mask, stops).
@@ -82,12 +93,7 @@ def test_a_reused_session_gives_generate_tokens(model_and_tokenizer):
     model.__dict__.pop(decoding.SESSIONS_ATTR, None)
     options = _generate_options(model, tokenizer, 8, False, 1.15)
     for questions in (QUESTIONS, QUESTIONS[::-1]):
-        batch = left_padded_batch(tokenizer, [chat_prompt_ids(tokenizer, question_messages(q)) for q in questions])
-        with torch.inference_mode():
-            reference = reference_generate(model, batch, options)
-            fast = decoding.greedy_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=8,
-                                            repetition_penalty=1.15, stop_ids=options["eos_token_id"],
-                                            pad_id=options["pad_token_id"], mode="static")
+        reference, fast = _generate_and_static(model, tokenizer, questions, options)
         assert torch.equal(fast, reference), questions
     assert len(model.__dict__[decoding.SESSIONS_ATTR]) == 1, "the second batch reused the first one's session"
     # SmolLM2 is a llama: the session decoded with q/k/v and gate/up as one product each (5 projections a layer)
@@ -104,12 +110,7 @@ def test_a_reused_session_gives_generate_tokens(model_and_tokenizer):
         for weight in changed:
             weight.mul_(2)
     try:
-        batch = left_padded_batch(tokenizer, [chat_prompt_ids(tokenizer, question_messages(q)) for q in QUESTIONS])
-        with torch.inference_mode():
-            reference = reference_generate(model, batch, options)
-            fast = decoding.greedy_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=8,
-                                            repetition_penalty=1.15, stop_ids=options["eos_token_id"],
-                                            pad_id=options["pad_token_id"], mode="static")
+        reference, fast = _generate_and_static(model, tokenizer, QUESTIONS, options)
         assert len(model.__dict__[decoding.SESSIONS_ATTR]) == 1, "the same session, refreshed"
         assert torch.equal(fast, reference)
     finally:
