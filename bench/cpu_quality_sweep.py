@@ -9,7 +9,12 @@ real 04, run on the winner). Configurations with the same --lora-layers share th
     python bench/cpu_quality_sweep.py --out /tmp/quality.json \\
         "k4:K=4" "k4_lr3:K=4,lr=3e-3" "k8_e2:K=8,epochs=2,pe=3"
 
-Keys: K (lora layers), r, alpha, lr, epochs, pe (preference epochs), plr (preference lr), beta, seq (max length).
+Keys: K (lora layers), r, alpha, lr, epochs, pe (preference epochs), plr (preference lr), beta, seq (max length),
+short (1: train on the short entries only, the held-out split unchanged), warm (warmup ratio), sw (the SFT weight
+of the preference loss), pbs (preference batch size).
+
+--device cuda runs the same fp32 math on a GPU (TF32 off), to map quality against the token budget in seconds;
+the CPU seconds are then estimated from the real tokens and pairs each configuration trains on.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DEFAULTS = {"K": 4, "r": 16, "alpha": 32, "lr": 2e-3, "epochs": 3.0, "pe": 2.0, "plr": 5e-4, "beta": 0.1,
-            "seq": 640}
+            "seq": 640, "short": 0, "warm": 0.05, "sw": 1.0,
+            "pbs": 8}
 
 
 def parse(spec: str) -> tuple[str, dict]:
@@ -43,13 +49,15 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--dataset", default=str(ROOT / "tu_dataset.json"))
     parser.add_argument("--probe", default=str(ROOT / "sondas_errores.json"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from afinar.core import embedded
-    from afinar.train import frozen_prefix, modeling, preference
+    from afinar.data.data_mix import LONG_MIN_WORDS, word_count
+    from afinar.train import engine, frozen_prefix, modeling, preference
     from afinar.evaluate import probe
     from afinar.data.pipeline import prepare
     from afinar.core.layout import OutputLayout
@@ -61,6 +69,11 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(path)
     ensure_pad_token(tokenizer)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if args.device == "cuda":
+        # The CPU demo computes in true fp32: TF32 matmuls would change what is measured.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        base = base.to("cuda")
     pairs = probe.load_pairs(args.probe)
     results = {"threads": torch.get_num_threads(), "configs": []}
     out = Path(args.out)
@@ -81,24 +94,29 @@ def main() -> int:
             if start:
                 caches.setdefault(start, frozen_prefix.FrozenPrefix(base, start))
                 base._afinar_frozen_prefix = caches[start]
+            train_entries = prepared.train
+            if c["short"]:
+                train_entries = [e for e in train_entries if word_count(e["output"]) < LONG_MIN_WORDS]
             settings = {"max_seq_length": int(c["seq"]), "learning_rate": c["lr"], "epochs": c["epochs"],
-                        "max_steps": None, "batch_size": 4, "grad_accum": 1, "seed": 42, "warmup_ratio": 0.05,
+                        "max_steps": None, "batch_size": 4, "grad_accum": 1, "seed": 42, "warmup_ratio": c["warm"],
                         "save_steps": 10_000, "save_minutes": 10_000.0, "logging_steps": 10, "eval_steps": None}
             t0 = time.perf_counter()
-            metrics = train(model, tokenizer, prepared.train, layout=OutputLayout.at(Path(tmp) / f"c{number}"),
-                            settings=settings, precision="fp32", packing=True)
+            metrics = train(model, tokenizer, train_entries, layout=OutputLayout.at(Path(tmp) / f"c{number}"),
+                            settings=settings, precision="fp32", packing=True, open_rows=engine.CPU_OPEN_ROWS)
             t1 = time.perf_counter()
             pref = {"mode": "none"}
             if c["pe"] > 0:
-                pref = preference.train_preference(model, tokenizer, prepared.train, max_seq_length=int(c["seq"]),
+                pref = preference.train_preference(model, tokenizer, train_entries, max_seq_length=int(c["seq"]),
                                                    beta=c["beta"], epochs=c["pe"], learning_rate=c["plr"],
-                                                   batch_size=8, sft_weight=1.0, seed=42)
+                                                   batch_size=int(c["pbs"]), sft_weight=c["sw"], seed=42)
             t2 = time.perf_counter()
             base.__dict__.pop("_afinar_frozen_prefix", None)
             ppl = perplexity(model, tokenizer, prepared.eval, max_seq_length=640, batch_size=4)
             wins = [r for r in probe.score_pairs(model, tokenizer, pairs)]
             row = {"name": name, **c, "sft_seconds": round(t1 - t0, 1), "pref_seconds": round(t2 - t1, 1),
                    "steps": metrics["global_step"], "final_loss": metrics["final_loss"],
+                   "real_tokens": metrics["real_tokens"], "pref_pairs": pref.get("pairs"),
+                   "pref_steps": pref.get("steps"),
                    "ppl_after": round(ppl, 3), "ppl_ratio": round(ppl / results["ppl_before"], 4),
                    "probe_after": sum(r["true_wins"] for r in wins), "probe_total": len(wins),
                    "probe_lost": sorted({r["tema"] for r in wins if not r["true_wins"]}),

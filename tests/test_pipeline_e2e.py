@@ -48,7 +48,7 @@ def pipeline(tmp_path_factory):
                             "--max-new-tokens", "16", "--max-seq-length", "256", "--repetition-penalty", "1.2",
                             "--probe-file", str(small_probe(work / "sonda.json")), env=env)
     logs["03"] = run_script("03_train_model.py", "--output-dir", str(out), "--dataset", str(dataset),
-                            "--max-steps", "3", "--batch-size", "2",
+                            "--max-steps", "3", "--batch-size", "2", "--preference", "dpo",
                             "--save-steps", "2", "--logging-steps", "1", "--learning-rate", "1e-3", env=env)
     logs["04"] = run_script("04_inference_and_export.py", "--output-dir", str(out), env=env)
     return out, logs

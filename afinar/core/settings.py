@@ -22,9 +22,10 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
     "lora_dropout": (0.0, 0.0, "con pocas épocas no hace falta regularizar, y sin dropout Unsloth va más rápido"),
     "max_seq_length": (2048, 640, "más largo cabe más texto por ejemplo y cuesta más memoria; 640 en CPU cubre el "
                        "ensayo más largo de tu_dataset.json"),
-    "learning_rate": (2e-4, 2e-3, "2e-4 es lo habitual en QLoRA; en CPU, con ~100 pasos, el modelo de 135M necesita "
-                      "más (BENCHMARKS.md)"),
-    "epochs": (3.0, 3.0, "más épocas fijan mejor el estilo y la perplejidad apartada, con riesgo de memorizar "
+    "learning_rate": (2e-4, 4e-3, "2e-4 es lo habitual en QLoRA; en CPU, con ~70 pasos, el modelo de 135M necesita "
+                      "más: 4e-3 dejó mejor perplejidad apartada que 2e-3 y que 8e-3 (BENCHMARKS.md)"),
+    "epochs": (3.0, 2.0, "más épocas fijan mejor el estilo y la perplejidad apartada, con riesgo de memorizar; en CPU, "
+               "2 épocas con lr 4e-3 dejan la perplejidad apartada que daban 3 con 2e-3, en dos tercios del tiempo "
                "(BENCHMARKS.md)"),
     "max_steps": (None, None, "sin límite: manda --epochs; úsalo para pruebas rápidas"),
     "batch_size": (None, 4, "en GPU, automático según el motor y la memoria de la tarjeta; en CPU, más lote no da "
@@ -43,8 +44,10 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
                "Unsloth por debajo; eager en CPU; BENCHMARKS.md)"),
     "fp8": (None, False, "en GPU, automático: sí con el motor compilado en Hopper o posterior, que multiplica en FP8 "
             "más rápido, si la pérdida de tus ejemplos cambia menos de un 1 por ciento"),
-    "preference": ("auto", "auto", "auto: DPO tras el SFT con las entradas que traen 'rejected', para que el dato "
-                   "correcto gane al error típico y no solo sea probable; 'none' lo omite"),
+    "preference": ("auto", "none", "auto: DPO tras el SFT con las entradas que traen 'rejected', para que el dato "
+                   "correcto gane al error típico y no solo sea probable; 'none' lo omite. En CPU no se usa por "
+                   "defecto: con el modelo de 135M empeoró la perplejidad apartada (× 0,333 → × 0,435) sin mejorar "
+                   "la sonda de errores, y costaba ~9 minutos (BENCHMARKS.md); 'dpo' lo pide"),
     "dpo_beta": (0.1, 0.1, "cuánto puede alejarse el modelo del que salió del SFT; 0,1 es lo habitual"),
     "preference_epochs": (2.0, 2.0, "más pasadas por los pares (correcta, error) afianzan la preferencia y cuestan "
                           "como pasos de SFT (BENCHMARKS.md)"),
