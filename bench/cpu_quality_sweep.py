@@ -50,6 +50,9 @@ def main() -> int:
     parser.add_argument("--dataset", default=str(ROOT / "tu_dataset.json"))
     parser.add_argument("--probe", default=str(ROOT / "sondas_errores.json"))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--questions", default=str(ROOT / "preguntas_contraste.json"),
+                        help="also answer these as 04 does (200 new tokens, penalty 1.15): EOS and stated facts")
+    parser.add_argument("--no-answers", action="store_true")
     args = parser.parse_args()
 
     import torch
@@ -58,7 +61,8 @@ def main() -> int:
     from afinar.core import embedded
     from afinar.data.data_mix import LONG_MIN_WORDS, word_count
     from afinar.train import engine, frozen_prefix, modeling, preference
-    from afinar.evaluate import probe
+    from afinar.evaluate import facts, probe
+    from afinar.evaluate.generation import generate_answers
     from afinar.data.pipeline import prepare
     from afinar.core.layout import OutputLayout
     from afinar.evaluate.perplexity import perplexity
@@ -75,6 +79,7 @@ def main() -> int:
         torch.backends.cudnn.allow_tf32 = False
         base = base.to("cuda")
     pairs = probe.load_pairs(args.probe)
+    questions = json.loads(Path(args.questions).read_text(encoding="utf-8"))
     results = {"threads": torch.get_num_threads(), "configs": []}
     out = Path(args.out)
     caches: dict[int, frozen_prefix.FrozenPrefix] = {}
@@ -113,6 +118,14 @@ def main() -> int:
             base.__dict__.pop("_afinar_frozen_prefix", None)
             ppl = perplexity(model, tokenizer, prepared.eval, max_seq_length=640, batch_size=4)
             wins = [r for r in probe.score_pairs(model, tokenizer, pairs)]
+            answers = {}
+            if not args.no_answers:
+                rows = generate_answers(model, tokenizer, [q["pregunta"] for q in questions], max_new_tokens=200,
+                                        batch_size=16, seed=42, repetition_penalty=1.15)
+                checked = [facts.check(r["text"], q["hecho"]) for r, q in zip(rows, questions) if q.get("hecho")]
+                answers = {"eos": sum(r["ended_with_eos"] for r in rows), "answers": len(rows),
+                           "facts": sum(c["passed"] for c in checked), "facts_total": len(checked),
+                           "new_tokens": [r["new_tokens"] for r in rows]}
             row = {"name": name, **c, "sft_seconds": round(t1 - t0, 1), "pref_seconds": round(t2 - t1, 1),
                    "steps": metrics["global_step"], "final_loss": metrics["final_loss"],
                    "real_tokens": metrics["real_tokens"], "pref_pairs": pref.get("pairs"),
@@ -120,7 +133,7 @@ def main() -> int:
                    "ppl_after": round(ppl, 3), "ppl_ratio": round(ppl / results["ppl_before"], 4),
                    "probe_after": sum(r["true_wins"] for r in wins), "probe_total": len(wins),
                    "probe_lost": sorted({r["tema"] for r in wins if not r["true_wins"]}),
-                   "pref_train_correct": pref.get("train_pairs_correct_after")}
+                   "pref_train_correct": pref.get("train_pairs_correct_after"), **answers}
             results["configs"].append(row)
             print(json.dumps(row, ensure_ascii=False), flush=True)
             out.write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
