@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, small_inputs, small_probe
+from conftest import ROOT, kernel_zygote, small_inputs, small_probe
 
 NOTEBOOK = ROOT / "colab.ipynb"
 TOKEN = "hf_COLABplantedTOKEN0123456789abcdefXYZ"
@@ -141,10 +141,12 @@ def executed(tmp_path_factory):
         })
         notebook = nbformat.read(NOTEBOOK, as_version=4)
         client = nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3")
-        try:
-            client.execute(cwd=str(ROOT), env=env)
-        finally:
-            nbformat.write(notebook, work / "colab_ejecutado.ipynb")  # to read when something fails
+        # The stages the cells start reach a zygote with this environment (tests/conftest.py: kernel_zygote).
+        with kernel_zygote(env, work) as kernel_env:
+            try:
+                client.execute(cwd=str(ROOT), env=kernel_env)
+            finally:
+                nbformat.write(notebook, work / "colab_ejecutado.ipynb")  # to read when something fails
         files = hub.repo_files(REPO_ID)
     assert (ROOT / "salida").exists() == salida_before, "el cuaderno escribió en la salida/ del repositorio"
     return notebook, out, files

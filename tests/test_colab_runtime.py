@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, small_inputs, small_probe
+from conftest import ROOT, kernel_zygote, small_inputs, small_probe
 
 NOTEBOOK = ROOT / "colab.ipynb"
 TRY_QUESTION = "¿Qué es la fotosíntesis?"
@@ -167,19 +167,21 @@ def sessions(tmp_path_factory):
         "HF_HOME": str(work / "hf_home"), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
         "TOKENIZERS_PARALLELISM": "false",
     })
-    # 1. A clone that cannot work, then the zip; only up to stage 02.
-    first = _execute(work, {**env, "AFINAR_REPO_URL": f"file://{work}/no-existe/afinar.git"},
-                     ["parametros", "auxiliares", "proyecto", "entorno", "etapa-02"], "sesion1")
-    log_first = _log(work)
-    local_copy_first = (content / "afinar" / "02_load_model.py").is_file()
-    # 2. A runtime reset: /content is wiped (the mount and the project copy with it), Drive keeps the output.
-    shutil.rmtree(content)
-    second = _execute(work, {**env, "AFINAR_REPO_URL": ""}, None, "sesion2")
-    log_second = _log(work)[len(log_first):]
-    # 3. A disconnect: the kernel restarts, /content stays.
-    third = _execute(work, {**env, "AFINAR_REPO_URL": ""},
-                     ["parametros", "auxiliares", "proyecto", "etapa-02", "etapa-03", "etapa-04"], "sesion3")
-    log_third = _log(work)[len(log_first) + len(log_second):]
+    # The stages the cells start reach a zygote with this environment (tests/conftest.py: kernel_zygote).
+    with kernel_zygote(env, work) as env:
+        # 1. A clone that cannot work, then the zip; only up to stage 02.
+        first = _execute(work, {**env, "AFINAR_REPO_URL": f"file://{work}/no-existe/afinar.git"},
+                         ["parametros", "auxiliares", "proyecto", "entorno", "etapa-02"], "sesion1")
+        log_first = _log(work)
+        local_copy_first = (content / "afinar" / "02_load_model.py").is_file()
+        # 2. A runtime reset: /content is wiped (the mount and the project copy with it), Drive keeps the output.
+        shutil.rmtree(content)
+        second = _execute(work, {**env, "AFINAR_REPO_URL": ""}, None, "sesion2")
+        log_second = _log(work)[len(log_first):]
+        # 3. A disconnect: the kernel restarts, /content stays.
+        third = _execute(work, {**env, "AFINAR_REPO_URL": ""},
+                         ["parametros", "auxiliares", "proyecto", "etapa-02", "etapa-03", "etapa-04"], "sesion3")
+        log_third = _log(work)[len(log_first) + len(log_second):]
     return {"work": work, "out": drive / "afinar" / "salida", "first": first, "second": second, "third": third,
             "logs": (log_first, log_second, log_third), "local_copy_first": local_copy_first}
 

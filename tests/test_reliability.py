@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,18 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, copy_output, run_script
+from conftest import ROOT, copy_output, run_script, start_script
 
 pytestmark = pytest.mark.slow
 
 
-def _popen(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
+def _wait_for(predicate, timeout: float, proc) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -40,7 +33,7 @@ def test_sigkill_then_resume_finishes_the_planned_steps(stage02_dir, tmp_path):
     train_args = ("03_train_model.py", "--output-dir", str(out), "--preference", "none", "--max-steps", str(planned),
                   "--batch-size", "1", "--max-seq-length", "128",
                   "--save-steps", str(every), "--logging-steps", "1", "--eval-fraction", "0")
-    proc = _popen(*train_args)
+    proc = start_script(*train_args)  # a process of its own, killed below with a real SIGKILL
     first = out / "checkpoints" / f"checkpoint-{every}"
     _wait_for(lambda: (first / "trainer_state.json").exists(), 600, proc)
     proc.send_signal(signal.SIGKILL)  # no chance to clean up, as when Colab drops the machine

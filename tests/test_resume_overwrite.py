@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, copy_output, run_script
+from conftest import ROOT, copy_output, run_script, start_script
 
 pytestmark = pytest.mark.slow
 
@@ -179,10 +179,9 @@ def test_failed_02_overwrite_puts_the_old_run_back(trained_dir, embedded_path, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["salida", "sin_plantilla"]  # no copy left aside
 
 
-def _popen(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+def _popen(*args: str):
+    # A process of its own (tests/conftest.py: start_script), killed below with a real SIGKILL.
+    return start_script(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def test_sigkill_at_several_points_of_a_checkpoint_save_then_resume(stage02_dir, small_dataset, tmp_path):
