@@ -33,7 +33,9 @@ COLAB=no; [ -n "${COLAB_RELEASE_TAG:-}" ] && COLAB=yes
 echo "== Entorno: $MODE (Colab: $COLAB), $("$PY" --version 2>&1)"
 
 # --- torch ----------------------------------------------------------------------------------------------
-torch_version() { "$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || true; }
+# La versión instalada según los metadatos del paquete: importar torch solo para leerla cuesta ~3 s en 2 núcleos,
+# y se consulta varias veces. Que torch funcione de verdad lo comprueba el resumen del final.
+torch_version() { "$PY" -c 'import importlib.metadata as md; print(md.version("torch"))' 2>/dev/null || true; }
 # El índice de ruedas de CPU de PyTorch: sin él, 'pip install torch' en Linux trae la compilación con CUDA (varios
 # GB que una máquina sin GPU no usa). Si no se alcanza en unos segundos, se usa el índice por defecto.
 TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
