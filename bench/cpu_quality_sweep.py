@@ -124,7 +124,7 @@ def main() -> int:
                                         batch_size=16, seed=42, repetition_penalty=1.15)
                 checked = [facts.check(r["text"], q["hecho"]) for r, q in zip(rows, questions) if q.get("hecho")]
                 answers = {"eos": sum(r["ended_with_eos"] for r in rows), "answers": len(rows),
-                           "facts": sum(c["passed"] for c in checked), "facts_total": len(checked),
+                           "facts": sum(check["passed"] for check in checked), "facts_total": len(checked),
                            "new_tokens": [r["new_tokens"] for r in rows]}
             row = {"name": name, **c, "sft_seconds": round(t1 - t0, 1), "pref_seconds": round(t2 - t1, 1),
                    "steps": metrics["global_step"], "final_loss": metrics["final_loss"],
