@@ -311,16 +311,3 @@ def copy_output(source: Path, target: Path) -> Path:
 
     shutil.copytree(source, target)
     return target
-
-
-# The files whose module fixtures run whole pipelines (one to three minutes each on the 2-core CI machine), in the
-# order they start. pytest-xdist (--dist loadfile) hands files to the two workers in collection order, and
-# alphabetically the longest (test_pipeline_e2e.py) came near the end: one worker then ran it alone while the other
-# sat idle. Longest first is the classic fix for two machines sharing a list of jobs.
-LONGEST_FILES = ("test_pipeline_e2e.py", "test_colab_notebook.py", "test_colab_runtime.py", "test_copy_paste.py",
-                 "test_distributed.py", "test_gguf_export.py", "test_resume_overwrite.py", "test_misconceptions.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: place for place, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable: file order kept otherwise
