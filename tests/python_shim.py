@@ -15,13 +15,15 @@ import signal
 import socket
 import sys
 
+from zygote import runs_code  # the same rule as the zygote's; stdlib-only at import, so still a few milliseconds
+
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def _request(args: list[str]) -> dict | None:
     unbuffered = args[:1] == ["-u"]
     rest = args[1:] if unbuffered else args
-    if rest and (rest[0].endswith(".py") or (rest[0] == "-m" and len(rest) > 1 and not rest[1].startswith("-"))):
+    if runs_code(rest):
         return {"argv": rest, "env": dict(os.environ), "cwd": os.getcwd(), "unbuffered": unbuffered}
     return None
 

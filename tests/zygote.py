@@ -48,13 +48,15 @@ def import_time_env(env: dict) -> dict:
             and not key.startswith(RUNTIME_ONLY_PREFIXES)}
 
 
+def runs_code(argv: list[str]) -> bool:
+    """A script (`x.py ...`) or a module (`-m name ...`), not `-c` or other interpreter flags."""
+    return bool(argv) and (argv[0].endswith(".py") or (argv[0] == "-m" and len(argv) > 1
+                                                       and not argv[1].startswith("-")))
+
+
 def usable_for(argv: list[str], env: dict, zygote_env: dict) -> bool:
-    """A script (`x.py ...`) or a module (`-m name ...`), not `-c` or other interpreter flags, with the same
-    import-time environment as the zygote's."""
-    if not argv:
-        return False
-    runs = argv[0].endswith(".py") or (argv[0] == "-m" and len(argv) > 1 and not argv[1].startswith("-"))
-    return runs and import_time_env(env) == import_time_env(zygote_env)
+    """Code the zygote can run (`runs_code`), with the same import-time environment as the zygote's."""
+    return runs_code(argv) and import_time_env(env) == import_time_env(zygote_env)
 
 
 def _preload() -> None:
