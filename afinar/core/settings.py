@@ -22,12 +22,12 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
     "lora_dropout": (0.0, 0.0, "con pocas épocas no hace falta regularizar, y sin dropout Unsloth va más rápido"),
     "max_seq_length": (2048, 640, "más largo cabe más texto por ejemplo y cuesta más memoria; 640 en CPU cubre el "
                        "ensayo más largo de tu_dataset.json"),
-    "learning_rate": (2e-4, 5e-3, "2e-4 es lo habitual en QLoRA; en CPU, con ~70 pasos, el modelo de 135M necesita "
-                      "más: con 5e-3 y 2 épocas, la mejor perplejidad apartada medida con todas las respuestas "
+    "learning_rate": (2e-4, 6e-3, "2e-4 es lo habitual en QLoRA; en CPU, con ~60 pasos, el modelo de 135M necesita "
+                      "más: con 6e-3 y 1,25 épocas cumple la perplejidad apartada con todas las respuestas "
                       "terminadas en EOS (BENCHMARKS.md)"),
-    "epochs": (3.0, 2.0, "más épocas fijan mejor el estilo y la perplejidad apartada, con riesgo de memorizar; en CPU, "
-               "2 épocas con lr 5e-3 dejan mejor perplejidad apartada que 3 con 2e-3, en dos tercios del tiempo "
-               "(BENCHMARKS.md)"),
+    "epochs": (3.0, 1.25, "más épocas fijan mejor el estilo y la perplejidad apartada, con riesgo de memorizar; en "
+               "CPU, 1,25 épocas de las 461 entradas cumplen la perplejidad apartada con menos tokens que 2 de las "
+               "301 de antes (BENCHMARKS.md)"),
     "max_steps": (None, None, "sin límite: manda --epochs; úsalo para pruebas rápidas"),
     "batch_size": (None, 4, "en GPU, automático según el motor y la memoria de la tarjeta; en CPU, más lote no da "
                    "más velocidad"),
