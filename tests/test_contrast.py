@@ -201,6 +201,25 @@ def test_perplexity_is_token_weighted_and_independent_of_batching(model_and_toke
         assert tokens == len(tokenizer(entry["output"], add_special_tokens=False)["input_ids"]) + 1
 
 
+def test_perplexity_batches_rows_of_similar_length(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    long_answer = "La fotosíntesis transforma la energía de la luz en energía química. " * 6
+    entries = [{"instruction": "Explica la fotosíntesis.", "output": long_answer},
+               {"instruction": "¿Qué es el ATP?", "output": "Una molécula que almacena energía."},
+               {"instruction": "Explica la fotosíntesis otra vez.", "output": long_answer},
+               {"instruction": "¿Qué es el ADN?", "output": "El portador de la información genética."}]
+    widths = []
+    hook = model.model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape),
+                                                 with_kwargs=True)
+    try:
+        response_nll(model, tokenizer, entries, max_seq_length=256, batch_size=2)
+    finally:
+        hook.remove()
+    # In the given order each batch pairs a long row with a short one and pads the short one to the long length;
+    # sorted by length, the two short rows share one batch and the two long rows the other.
+    assert len(widths) == 2 and widths[0][1] < widths[1][1] / 2
+
+
 def test_perplexity_rejects_malformed_entries(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     entries = [{"instruction": "¿Qué es una enzima?", "output": "Una proteína."}, {"instruction": "¿Y el ADN?"}]
