@@ -22,8 +22,11 @@ TRAIN_FLAGS = ("--max-steps", "3", "--batch-size", "1", "--max-seq-length", "256
                "--logging-steps", "1", "--save-steps", "100", "--preference", "none", "--seed", "42",
                "--learning-rate", "2e-3")
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-# Recorded on 2026-12-01 (x86-64, 2 cores, torch 2.13 CPU, transformers/TRL as pinned in requirements.txt).
-EXPECTED_LOSSES = [3.35903, 4.45656, 3.79561]
+# Recorded on 2026-12-02 (x86-64, 2 cores, torch 2.13 CPU, transformers/TRL as pinned in requirements.txt), after
+# the CPU plan started keeping the shared prompt prefix once per packed row: rows of 256 tokens now hold more
+# examples, so each step averages over a different group (each example's own loss is unchanged:
+# tests/test_training_unit.py). Before: [3.35903, 4.45656, 3.79561].
+EXPECTED_LOSSES = [3.85813, 3.98266, 3.98639]
 
 
 @pytest.mark.slow

@@ -62,6 +62,9 @@ def test_manifest_records_every_stage(pipeline):
     assert manifest["settings"]["lora_r"] == 16 and manifest["settings"]["max_steps"] == 3
     assert manifest["settings"]["max_seq_length"] == 256  # 02's flag, inherited by 03
     assert manifest["stages"]["train"]["metrics"]["global_step"] == 3
+    # The CPU plan keeps the chat template's system prompt and user header once per packed row.
+    assert manifest["stages"]["train"]["metrics"]["engine"]["share_prefix"] is True
+    assert manifest["stages"]["train"]["metrics"]["shared_prefix_tokens"] > 20
     preference = manifest["stages"]["train"]["metrics"]["preference"]  # the DPO phase ran after the SFT
     assert preference["mode"] == "dpo" and preference["pairs"] > 0 and preference["steps"] > 0
     assert manifest["stages"]["train"]["data"]["eval"] > 0  # and 04 scored held-out entries

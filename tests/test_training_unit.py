@@ -70,3 +70,56 @@ def test_packed_rows_keep_examples_apart(peft_model):
         packed = response_only_loss(model, _batch(tokenizer, True))
         padded = response_only_loss(model, _batch(tokenizer, False))
     assert torch.allclose(packed, padded, rtol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_shared_prefix_rows_train_exactly_like_separate_copies(peft_model, implementation):
+    """The CPU plan keeps the system prompt once per packed row: same loss and LoRA gradients, fewer tokens."""
+    import torch
+
+    from afinar.core.prompts import tokenize_example
+    from afinar.train.packing import Collator, pack_in_order, shared_prefix_length, shared_prefix_mask
+    from afinar.train.training import response_only_loss
+
+    model, tokenizer = peft_model
+    entries = [
+        {"instruction": "¿Qué es el estroma?", "output": "Es el líquido que rodea los tilacoides del cloroplasto."},
+        {"instruction": "Define la fotólisis del agua.", "output": "La ruptura del agua por la luz en el fotosistema II."},
+        {"instruction": "¿Respiran las plantas?", "output": "Sí, de día y de noche, en sus mitocondrias."},
+        {"instruction": "¿Dónde ocurre el ciclo de Calvin?", "output": "En el estroma, mientras hay luz."},
+    ]
+    rows = [tokenize_example(tokenizer, e, 256) for e in entries]
+    shared = shared_prefix_length(rows)
+    assert shared >= 20  # the system prompt and the user header of the chat template
+
+    def loss_and_grads(batch):
+        batch.pop("row_lengths")
+        tokens = batch.pop("real_tokens")
+        segment_ids = batch.pop("segment_ids", None)
+        if segment_ids is not None:  # what AfinarTrainer.compute_loss does before the forward
+            batch["attention_mask"] = shared_prefix_mask(segment_ids, shared, implementation, torch.float32)
+        model.zero_grad()
+        loss = response_only_loss(model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, tokens
+
+    previous = model.config._attn_implementation, model.config.use_cache
+    model.set_attn_implementation(implementation)
+    # As the Trainer sets it: with a cache, transformers would not look for packed rows in the position ids.
+    model.config.use_cache = False
+    try:
+        # Two rows a batch, so padding (segment -1) is checked too.
+        apart = Collator(tokenizer.pad_token_id)(pack_in_order(rows, 200))
+        together_rows = pack_in_order(rows, 200, shared_prefix=shared)
+        together = Collator(tokenizer.pad_token_id)(together_rows)
+        positions_apart = int(apart["input_ids"].ne(tokenizer.pad_token_id).sum())
+        loss_apart, grads_apart, tokens_apart = loss_and_grads(apart)
+        loss_together, grads_together, tokens_together = loss_and_grads(together)
+    finally:
+        model.set_attn_implementation(previous[0])
+        model.config.use_cache = previous[1]
+    assert sum(len(r["input_ids"]) for r in together_rows) < positions_apart - shared
+    assert tokens_together == tokens_apart  # tokens/s still counts the examples' own tokens
+    assert torch.allclose(loss_together, loss_apart, rtol=1e-5, atol=1e-6)
+    for name, grad in grads_apart.items():
+        assert torch.allclose(grads_together[name], grad, rtol=1e-3, atol=1e-6), name

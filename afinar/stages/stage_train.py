@@ -148,7 +148,7 @@ def _train(args, model, tokenizer, prepared: PreparedData, layout: OutputLayout,
     before = _lora_snapshot(model)
     metrics = train(model, tokenizer, prepared.train, layout=layout, settings=resolved, precision=precision,
                     resume=args.resume, packing=resolved["packing"],
-                    fixed_length=plan.compile_layers, open_rows=plan.open_rows,
+                    fixed_length=plan.compile_layers, open_rows=plan.open_rows, share_prefix=plan.share_prefix,
                     gradient_checkpointing=plan.trainer_checkpointing, eval_entries=prepared.eval,
                     kernel_fallback=engine.kernel_fallback(model, plan))
     metrics["engine"] = plan.as_dict()

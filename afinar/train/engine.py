@@ -68,6 +68,7 @@ class Plan:
     attn_implementation: str | None = None
     compile_layers: bool = False
     open_rows: int = 1  # afinar.train.packing.pack_in_order: rows an example may go back to fill
+    share_prefix: bool = False  # afinar.train.packing: the examples' common leading tokens once per row
     fp8_base: bool = False  # afinar.train.fp8: the frozen base's matmuls in e4m3
     fp8_drift: float | None = None  # relative change of the loss on the user's rows, measured before training
     precision: str | None = None  # the compiled engine's base and autocast dtype: bf16, or fp16 without bf16
@@ -105,7 +106,7 @@ def plan(settings: dict[str, Any], device: DeviceInfo, requested: str = "auto",
             raise UserError("--fp8 necesita una GPU con multiplicaciones FP8 (Hopper o posterior) y el motor "
                             "compilado; en CPU se entrena sin --fp8.")
         return Plan("eager", "hf", batch or 4, True if packing is None else packing, False,
-                    open_rows=CPU_OPEN_ROWS, reasons=["CPU: transformers + PEFT sin compilar"])
+                    open_rows=CPU_OPEN_ROWS, share_prefix=True, reasons=["CPU: transformers + PEFT sin compilar"])
 
     engine = requested
     if engine == "auto":

@@ -13,7 +13,7 @@ from afinar.core.errors import UserError
 from afinar.core.layout import OutputLayout
 from afinar.core.models import unwrap_peft
 from afinar.core.prompts import tokenize_example
-from afinar.train.packing import Collator, pack_in_order
+from afinar.train.packing import Collator, pack_in_order, shared_prefix_length, shared_prefix_mask
 
 
 class NonFiniteLoss(RuntimeError):
@@ -33,12 +33,13 @@ def triton_available() -> bool:
     return torch.cuda.is_available()
 
 
-def build_dataset(entries: list[dict], tokenizer, max_seq_length: int, packing: bool, open_rows: int = 1):
+def build_dataset(entries: list[dict], tokenizer, max_seq_length: int, packing: bool, open_rows: int = 1,
+                  shared_prefix: int = 0):
     from datasets import Dataset
 
     rows = [tokenize_example(tokenizer, entry, max_seq_length) for entry in entries]
     if packing:
-        rows = pack_in_order(rows, max_seq_length, open_rows)
+        rows = pack_in_order(rows, max_seq_length, open_rows, shared_prefix)
     return Dataset.from_list(rows)
 
 
@@ -90,6 +91,7 @@ def _make_trainer_class(loss_impl: str = "auto"):
         """SFTTrainer that keeps our data order, counts real tokens and stops on a non-finite loss."""
 
         real_tokens = 0
+        shared_prefix = 0  # afinar.train.packing: the leading tokens each packed row holds once
         kernel_fallback = None  # afinar.train.engine.kernel_fallback, until the first step has run
         # On a GPU, checking each loss on the host would stall the queue once per step: the check is
         # accumulated on the device and read when the step is logged or saved (never after a bad save).
@@ -98,6 +100,11 @@ def _make_trainer_class(loss_impl: str = "auto"):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             tokens = int(inputs.pop("real_tokens"))
             row_lengths = inputs.pop("row_lengths", None)
+            segment_ids = inputs.pop("segment_ids", None)
+            if segment_ids is not None:
+                causal_lm = unwrap_peft(model)
+                inputs["attention_mask"] = shared_prefix_mask(segment_ids, self.shared_prefix,
+                                                              causal_lm.config._attn_implementation, causal_lm.dtype)
             if not model.training:
                 # The periodic evaluation: the same response-only loss, and no training-token count.
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
@@ -264,7 +271,7 @@ def _restore_adapter_dtypes_(model, dtypes: dict) -> None:
 
 def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, settings: dict[str, Any],
           precision: str, resume: bool = False, packing: bool = False, loss_impl: str = "auto",
-          fixed_length: bool = False, open_rows: int = 1,
+          fixed_length: bool = False, open_rows: int = 1, share_prefix: bool = False,
           gradient_checkpointing: bool | None = None, eval_entries: list[dict] | None = None,
           kernel_fallback=None) -> dict[str, Any]:
     """Run SFT and return the metrics for run.json. The adapter itself is saved by the caller.
@@ -277,7 +284,12 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
     """
     from trl import SFTConfig
 
-    dataset = build_dataset(train_entries, tokenizer, settings["max_seq_length"], packing, open_rows)
+    shared = 0
+    # The shared prefix needs a 4D mask, which sdpa and eager attention take; the GPU engines pack their own way.
+    if share_prefix and packing and unwrap_peft(model).config._attn_implementation in ("sdpa", "eager"):
+        shared = shared_prefix_length([tokenize_example(tokenizer, entry, settings["max_seq_length"])
+                                       for entry in train_entries])
+    dataset = build_dataset(train_entries, tokenizer, settings["max_seq_length"], packing, open_rows, shared)
     max_steps = settings.get("max_steps") or -1
     eval_steps = settings.get("eval_steps")
     # Unpacked, one row per entry: the loss of each held-out answer, as 04's perplexity scores it.
@@ -333,6 +345,7 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
                           processing_class=tokenizer, data_collator=collator, callbacks=[metrics_cb, timed_cb])
     _restore_adapter_dtypes_(model, adapter_dtypes)
     metrics_cb.trainer = timed_cb.trainer = trainer
+    trainer.shared_prefix = shared
     trainer.kernel_fallback = kernel_fallback
 
     resume_from = None
@@ -375,6 +388,7 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
         "real_tokens": real_tokens,
         "tokens_per_second": round(real_tokens / max(seconds, 1e-9), 1),
         "train_examples": len(dataset),
+        "shared_prefix_tokens": shared,
         "resumed_from": str(resume_from.relative_to(layout.root)) if resume_from else None,
         "fused_lm_head": uses_fused_head(loss_impl),
         "loss_impl": loss_impl,
