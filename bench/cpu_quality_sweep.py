@@ -12,7 +12,8 @@ real 04, run on the winner). Configurations with the same --lora-layers share th
 Keys: K (lora layers), r, alpha, lr, epochs, pe (preference epochs), plr (preference lr), beta, seq (max length),
 short (1: train on the short entries only, the held-out split unchanged), warm (warmup ratio), sw (the SFT weight
 of the preference loss), pbs (preference batch size), fe (epochs of a second SFT on the corrective entries
-only, those with `rejected`, after the first).
+only, those with `rejected`, after the first), share (1, as 03 on CPU: the common prompt prefix once per packed row;
+0: a copy per example, as before the tenth session).
 
 --device cuda runs the same fp32 math on a GPU (TF32 off), to map quality against the token budget in seconds;
 the CPU seconds are then estimated from the real tokens and pairs each configuration trains on.
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 DEFAULTS = {"K": 4, "r": 16, "alpha": 32, "lr": 2e-3, "epochs": 3.0, "pe": 2.0, "plr": 5e-4, "beta": 0.1,
             "seq": 640, "short": 0, "warm": 0.05, "sw": 1.0,
-            "pbs": 8, "fe": 0.0}
+            "pbs": 8, "fe": 0.0, "share": 1}
 
 
 def parse(spec: str) -> tuple[str, dict]:
@@ -126,12 +127,13 @@ def main() -> int:
                         "save_steps": 10_000, "save_minutes": 10_000.0, "logging_steps": 10, "eval_steps": None}
             t0 = time.perf_counter()
             metrics = train(model, tokenizer, train_entries, layout=OutputLayout.at(Path(tmp) / f"c{number}"),
-                            settings=settings, precision="fp32", packing=True, open_rows=engine.CPU_OPEN_ROWS)
+                            settings=settings, precision="fp32", packing=True, open_rows=engine.CPU_OPEN_ROWS,
+                            share_prefix=bool(c["share"]))
             if c["fe"] > 0:
                 corrective = [e for e in train_entries if e.get("rejected")]
                 metrics_fe = train(model, tokenizer, corrective, layout=OutputLayout.at(Path(tmp) / f"f{number}"),
                                    settings={**settings, "epochs": c["fe"]}, precision="fp32", packing=True,
-                                   open_rows=engine.CPU_OPEN_ROWS)
+                                   open_rows=engine.CPU_OPEN_ROWS, share_prefix=bool(c["share"]))
                 metrics["real_tokens"] += metrics_fe["real_tokens"]
             t1 = time.perf_counter()
             pref = {"mode": "none"}
