@@ -36,7 +36,8 @@ def pipeline(tmp_path_factory):
     # ('rejected'), so 03 still runs its SFT and then its DPO phase, and 04 still scores held-out entries. With all
     # 301 entries the DPO phase and the held-out perplexity (30 entries, before and after) were most of this
     # module's ~400 s; the DPO phase costs its reference and training passes over every pair (the first 3 pairs:
-    # 41 s of 03's 63). Two pairs, not one: the held-out share is drawn at random and must not take every pair.
+    # 41 s of 03's 63). Two pairs, not one: the held-out share is drawn at random and must not take every pair;
+    # one preference epoch of them is one DPO step.
     entries = json.loads((ROOT / "tu_dataset.json").read_text(encoding="utf-8"))
     pairs = sorted((e for e in entries if "rejected" in e),
                    key=lambda e: len(e["instruction"] + e.get("input", "") + e["output"] + e["rejected"]))[:2]
@@ -51,7 +52,7 @@ def pipeline(tmp_path_factory):
                             "--max-new-tokens", "16", "--max-seq-length", "256", "--repetition-penalty", "1.2",
                             "--probe-file", str(small_probe(work / "sonda.json")), env=env)
     logs["03"] = run_script("03_train_model.py", "--output-dir", str(out), "--dataset", str(dataset),
-                            "--max-steps", "3", "--batch-size", "2", "--preference", "dpo",
+                            "--max-steps", "3", "--batch-size", "2", "--preference", "dpo", "--preference-epochs", "1",
                             "--save-steps", "2", "--logging-steps", "1", "--learning-rate", "1e-3", env=env)
     logs["04"] = run_script("04_inference_and_export.py", "--output-dir", str(out), env=env)
     return out, logs
