@@ -46,10 +46,10 @@ def pipeline(tmp_path_factory):
                        encoding="utf-8")
     env = {"HF_TOKEN": FAKE_TOKEN}
     logs = {}
-    # Rows of 256 tokens instead of the CPU default of 640: the same stages, data (SFT and DPO) and exports, at
-    # less than half the cost of every training step and perplexity pass. 03 and 04 inherit it from run.json.
+    # Rows of 128 tokens instead of the CPU default of 640: the same stages, data (SFT and DPO) and exports, at a
+    # fraction of the cost of every training step and perplexity pass. 03 and 04 inherit it from run.json.
     logs["02"] = run_script("02_load_model.py", "--output-dir", str(out), "--questions", str(questions),
-                            "--max-new-tokens", "16", "--max-seq-length", "256", "--repetition-penalty", "1.2",
+                            "--max-new-tokens", "16", "--max-seq-length", "128", "--repetition-penalty", "1.2",
                             "--probe-file", str(small_probe(work / "sonda.json")), env=env)
     logs["03"] = run_script("03_train_model.py", "--output-dir", str(out), "--dataset", str(dataset),
                             "--max-steps", "3", "--batch-size", "2", "--preference", "dpo", "--preference-epochs", "1",
@@ -64,7 +64,7 @@ def test_manifest_records_every_stage(pipeline):
     assert set(manifest["stages"]) == {"load", "train", "export"}
     assert all(stage["status"] == "done" for stage in manifest["stages"].values())
     assert manifest["settings"]["lora_r"] == 16 and manifest["settings"]["max_steps"] == 3
-    assert manifest["settings"]["max_seq_length"] == 256  # 02's flag, inherited by 03
+    assert manifest["settings"]["max_seq_length"] == 128  # 02's flag, inherited by 03
     assert manifest["stages"]["train"]["metrics"]["global_step"] == 3
     preference = manifest["stages"]["train"]["metrics"]["preference"]  # the DPO phase ran after the SFT
     assert preference["mode"] == "dpo" and preference["pairs"] > 0 and preference["steps"] > 0
