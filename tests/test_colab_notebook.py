@@ -131,7 +131,9 @@ def executed(tmp_path_factory):
         env.update({
             "AFINAR_OUTPUT_DIR": str(out), "AFINAR_QUESTIONS": str(questions), "AFINAR_DATASET": str(dataset),
             "AFINAR_MAX_STEPS": "2", "AFINAR_BATCH_SIZE": "2", "AFINAR_LOGGING_STEPS": "1",
-            "AFINAR_MAX_SEQ_LENGTH": "256", "AFINAR_MAX_NEW_TOKENS": "8", "AFINAR_PROBE_FILE": str(probe),
+            # Rows of 128 tokens: MAX_SEQ_LENGTH still reaches 02 (and 03 through run.json), at half the cost of
+            # every training step and perplexity pass of 256 (the end-to-end test trains at 256).
+            "AFINAR_MAX_SEQ_LENGTH": "128", "AFINAR_MAX_NEW_TOKENS": "8", "AFINAR_PROBE_FILE": str(probe),
             "AFINAR_PUSH": "1", "AFINAR_REPO_ID": REPO_ID, "AFINAR_TRY_CHAT": "0",
             # The try-out cell must run without an error; what it answers is test_colab_runtime's business, and
             # its default of 300 streamed tokens was the slowest cell of this run.
@@ -171,7 +173,7 @@ def test_every_cell_runs_and_the_pipeline_completes(executed):
     manifest = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert set(manifest["stages"]) == {"load", "train", "export"}
     assert all(stage["status"] == "done" for stage in manifest["stages"].values())
-    assert manifest["settings"]["max_steps"] == 2 and manifest["settings"]["max_seq_length"] == 256
+    assert manifest["settings"]["max_steps"] == 2 and manifest["settings"]["max_seq_length"] == 128
     assert Path(manifest["probe_file"]).name == "sonda.json"  # PROBE_FILE reached 02 as --probe-file
     assert json.loads((out / "contraste" / "contraste.json").read_text(encoding="utf-8"))["probe"]["pairs"] == 2
     assert manifest["stages"]["train"]["metrics"]["global_step"] == 2

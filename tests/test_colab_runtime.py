@@ -160,9 +160,10 @@ def sessions(tmp_path_factory):
         "AFINAR_WORK_DIR": str(content), "AFINAR_DRIVE_OUTPUT": "1",
         "AFINAR_QUESTIONS": str(questions), "AFINAR_DATASET": str(dataset),
         "AFINAR_MAX_STEPS": "2", "AFINAR_BATCH_SIZE": "2", "AFINAR_LOGGING_STEPS": "1",
-        "AFINAR_MAX_SEQ_LENGTH": "256", "AFINAR_MAX_NEW_TOKENS": "8", "AFINAR_GGUF": "none",
+        # Rows of 128 tokens: what these sessions test is which stages run, skip or resume, not the row length.
+        "AFINAR_MAX_SEQ_LENGTH": "128", "AFINAR_MAX_NEW_TOKENS": "8", "AFINAR_GGUF": "none",
         "AFINAR_PROBE_FILE": str(small_probe(work / "sonda.json")),
-        "AFINAR_TRY_MAX_NEW_TOKENS": "24",
+        "AFINAR_TRY_MAX_NEW_TOKENS": "12",
         "AFINAR_TRY_QUESTION": TRY_QUESTION,
         "HF_HOME": str(work / "hf_home"), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
         "TOKENIZERS_PARALLELISM": "false",

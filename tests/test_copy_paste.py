@@ -39,7 +39,11 @@ def make_repo_root(root) -> None:
     # A copy, not a link: 02 looks for the default probe file next to the package (resolving links), so the
     # smaller probe below is found as the project's own, as the other data files are under their default names.
     shutil.copytree(ROOT / "afinar", root / "afinar", ignore=shutil.ignore_patterns("__pycache__"))
-    questions = json.loads((ROOT / "preguntas_contraste.json").read_text(encoding="utf-8"))[:1]
+    # One of the project's questions (its keywords and fact), asked so that the model can answer in a word: 02
+    # and 04 still generate with the default limit of 200 new tokens, which the base model used up on the first
+    # question (~40 s per stage on the CI machine); here it stops with EOS after a few tokens.
+    question = json.loads((ROOT / "preguntas_contraste.json").read_text(encoding="utf-8"))[1]
+    questions = [{**question, "pregunta": "¿Respiran las plantas? Responde solo sí o no."}]
     (root / "preguntas_contraste.json").write_text(json.dumps(questions, ensure_ascii=False), encoding="utf-8")
     probe = json.loads((ROOT / "sondas_errores.json").read_text(encoding="utf-8"))[:2]
     (root / "sondas_errores.json").write_text(json.dumps(probe, ensure_ascii=False), encoding="utf-8")

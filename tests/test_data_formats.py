@@ -181,7 +181,7 @@ def test_mixed_formats_train_with_eval_loss_every_n_steps(stage02_dir, tmp_path)
     dataset = _write_jsonl(tmp_path / "mezcla.jsonl", alpaca + conversations)
     run_script("03_train_model.py", "--output-dir", str(out), "--dataset", str(dataset), "--max-steps", "2",
                "--batch-size", "2", "--logging-steps", "1", "--eval-steps", "1", "--eval-fraction", "0.2",
-               "--preference", "none", "--max-seq-length", "256")
+               "--preference", "none", "--max-seq-length", "128")
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["step"] for r in rows] == [1, 2]

@@ -37,11 +37,20 @@ def _batch(tokenizer):
     return left_padded_batch(tokenizer, [chat_prompt_ids(tokenizer, question_messages(q)) for q in QUESTIONS])
 
 
-def _both(model, tokenizer, penalty, mode):
+@pytest.fixture(scope="module")
+def references():
+    """model.generate's tokens for QUESTIONS at each penalty, computed once for both modes: the same model,
+    batch and options give the same tokens, and generate is the slow half of each comparison."""
+    return {}
+
+
+def _both(model, tokenizer, penalty, mode, references):
     batch = _batch(tokenizer)
     options = _generate_options(model, tokenizer, NEW_TOKENS, False, penalty)
     with torch.inference_mode():
-        reference = reference_generate(model, batch, options)
+        if penalty not in references:
+            references[penalty] = reference_generate(model, batch, options)
+        reference = references[penalty]
         fast = decoding.greedy_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=NEW_TOKENS,
                                         repetition_penalty=penalty, stop_ids=options["eos_token_id"],
                                         pad_id=options["pad_token_id"], mode=mode)
@@ -50,12 +59,12 @@ def _both(model, tokenizer, penalty, mode):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["eager", "static"])
-def test_fast_loop_gives_generate_tokens_with_penalty_and_eos(model_and_tokenizer, mode):
+def test_fast_loop_gives_generate_tokens_with_penalty_and_eos(model_and_tokenizer, references, mode):
     # "eager" is what the CPU runs; "static" is the GPU path's StaticCache and fixed-width mask, without graphs.
     model, tokenizer = model_and_tokenizer
     outputs = {}
     for penalty in (1.0, 1.15):
-        reference, fast, options = _both(model, tokenizer, penalty, mode)
+        reference, fast, options = _both(model, tokenizer, penalty, mode, references)
         eos = options["eos_token_id"]
         assert fast.dtype == torch.long and fast.shape[0] == len(QUESTIONS)
         # Same tokens, and the same number of steps: the loop stops when every row has stopped, as generate does.

@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 from afinar.core.layout import OutputLayout
-from conftest import copy_output, run_script
+from conftest import ROOT, copy_output, run_script
 
 STEPS = 3
 # --preference none: these tests compare the SFT phase under DDP; the DPO phase after it runs the same on
-# every rank (tests/test_misconceptions.py covers it) and would only double the time.
-TRAIN_FLAGS = ("--max-steps", str(STEPS), "--batch-size", "1", "--max-seq-length", "256", "--eval-fraction", "0",
+# every rank (tests/test_misconceptions.py covers it) and would only double the time. Rows of 128 tokens: the
+# comparison holds at any length (both runs see the same rows in every step), and each step costs half of 256.
+TRAIN_FLAGS = ("--max-steps", str(STEPS), "--batch-size", "1", "--max-seq-length", "128", "--eval-fraction", "0",
                "--logging-steps", "1", "--save-steps", "2", "--preference", "none")
 # One thread per rank: the machine has 2 cores, and both runs then reduce in the same order.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -91,13 +92,25 @@ def test_unsloth_backend_is_refused_under_several_processes(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def two_runs(stage02_dir, tmp_path_factory):
+def small_dataset(tmp_path_factory) -> Path:
+    """The first 12 entries of tu_dataset.json, plenty for 3 steps of 2 rows: every process of these runs (each
+    rank, the single run, the resumed ranks) prepares 12 entries instead of the whole file."""
+    entries = json.loads((ROOT / "tu_dataset.json").read_text(encoding="utf-8"))[:12]
+    path = tmp_path_factory.mktemp("datos") / "pocos.json"
+    path.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_runs(stage02_dir, small_dataset, tmp_path_factory):
     """The same 3 steps, trained by 2 processes x accumulation 1 and by 1 process x accumulation 2."""
     work = tmp_path_factory.mktemp("ddp")
     ddp = copy_output(stage02_dir, work / "dos_procesos")
     single = copy_output(stage02_dir, work / "un_proceso")
-    ddp_proc = _torchrun("--output-dir", str(ddp), "--grad-accum", "1", *TRAIN_FLAGS)
-    run_script("03_train_model.py", "--output-dir", str(single), "--grad-accum", "2", *TRAIN_FLAGS, env=ONE_THREAD)
+    data = ("--dataset", str(small_dataset))
+    ddp_proc = _torchrun("--output-dir", str(ddp), "--grad-accum", "1", *data, *TRAIN_FLAGS)
+    run_script("03_train_model.py", "--output-dir", str(single), "--grad-accum", "2", *data, *TRAIN_FLAGS,
+               env=ONE_THREAD)
     return ddp, single, ddp_proc
 
 
@@ -130,7 +143,7 @@ def test_two_processes_train_like_one_process_with_double_accumulation(two_runs)
 
 
 @pytest.mark.slow
-def test_resume_under_two_processes_reproduces_the_uninterrupted_run(two_runs, tmp_path):
+def test_resume_under_two_processes_reproduces_the_uninterrupted_run(two_runs, small_dataset, tmp_path):
     ddp, single, _ = two_runs
     out = copy_output(ddp, tmp_path / "reanudado")
     layout = OutputLayout.at(out)
@@ -138,7 +151,8 @@ def test_resume_under_two_processes_reproduces_the_uninterrupted_run(two_runs, t
     shutil.rmtree(layout.checkpoints / f"checkpoint-{STEPS}")
     shutil.rmtree(layout.adapter)
 
-    proc = _torchrun("--output-dir", str(out), "--grad-accum", "1", *TRAIN_FLAGS, "--resume")
+    proc = _torchrun("--output-dir", str(out), "--grad-accum", "1", "--dataset", str(small_dataset), *TRAIN_FLAGS,
+                     "--resume")
     assert proc.stdout.count("Reanudando desde") == 1 and "checkpoint-2" in proc.stdout
     record = _train_record(out)
     assert record["world_size"] == 2 and record["metrics"]["resumed_from"] == "checkpoints/checkpoint-2"

@@ -136,7 +136,7 @@ def test_stage_03_stores_the_prefix_with_top_layer_lora(tmp_path):
     run_script("02_load_model.py", "--output-dir", str(out), "--questions", str(tmp_path / "preguntas.json"),
                "--max-new-tokens", "4", "--precision", "fp32", "--lora-layers", "4")
     proc = run_script("03_train_model.py", "--output-dir", str(out), "--dataset", str(tmp_path / "datos.json"),
-                      "--epochs", "2", "--batch-size", "2", "--max-seq-length", "256", "--eval-fraction", "0",
+                      "--epochs", "2", "--batch-size", "2", "--max-seq-length", "128", "--eval-fraction", "0",
                       "--preference", "dpo", "--preference-epochs", "1")
     assert "se calculan una vez por fila" in proc.stdout
     metrics = json.loads((out / "run.json").read_text(encoding="utf-8"))["stages"]["train"]["metrics"]

@@ -27,11 +27,21 @@ def _wait_for(predicate, timeout: float, proc) -> None:
     raise AssertionError("tiempo agotado esperando el checkpoint")
 
 
-def test_sigkill_then_resume_finishes_the_planned_steps(stage02_dir, tmp_path):
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory) -> Path:
+    """The first 12 entries of tu_dataset.json: enough rows for these few steps, and each run of 03 prepares
+    (cleans, measures, plots) 12 entries instead of the whole file; what is tested here is not the data."""
+    entries = json.loads((ROOT / "tu_dataset.json").read_text(encoding="utf-8"))[:12]
+    path = tmp_path_factory.mktemp("datos") / "pocos.json"
+    path.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def test_sigkill_then_resume_finishes_the_planned_steps(stage02_dir, small_dataset, tmp_path):
     out = copy_output(stage02_dir, tmp_path / "salida")
     planned, every = 6, 2
-    train_args = ("03_train_model.py", "--output-dir", str(out), "--preference", "none", "--max-steps", str(planned),
-                  "--batch-size", "1", "--max-seq-length", "128",
+    train_args = ("03_train_model.py", "--output-dir", str(out), "--dataset", str(small_dataset), "--preference",
+                  "none", "--max-steps", str(planned), "--batch-size", "1", "--max-seq-length", "64",
                   "--save-steps", str(every), "--logging-steps", "1", "--eval-fraction", "0")
     proc = start_script(*train_args)  # a process of its own, killed below with a real SIGKILL
     first = out / "checkpoints" / f"checkpoint-{every}"
@@ -56,11 +66,11 @@ def test_sigkill_then_resume_finishes_the_planned_steps(stage02_dir, tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(stage02_dir, tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(stage02_dir, small_dataset, tmp_path):
     out = copy_output(stage02_dir, tmp_path / "salida")
     # An absurd learning rate blows the LoRA weights up after the first update: the next loss is inf/NaN.
-    proc = run_script("03_train_model.py", "--output-dir", str(out), "--preference", "none", "--max-steps", "4",
-                      "--batch-size", "1", "--max-seq-length", "128",
+    proc = run_script("03_train_model.py", "--output-dir", str(out), "--dataset", str(small_dataset), "--preference",
+                      "none", "--max-steps", "4", "--batch-size", "1", "--max-seq-length", "64",
                       "--save-steps", "1", "--logging-steps", "1", "--learning-rate", "1e30",
                       "--eval-fraction", "0", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
