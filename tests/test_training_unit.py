@@ -78,7 +78,7 @@ def test_shared_prefix_rows_train_exactly_like_separate_copies(peft_model, imple
     import torch
 
     from afinar.core.prompts import tokenize_example
-    from afinar.train.packing import Collator, pack_in_order, shared_prefix_length, shared_prefix_mask
+    from afinar.train.packing import Collator, common_prefix, pack_in_order, shared_prefix_mask
     from afinar.train.training import response_only_loss
 
     model, tokenizer = peft_model
@@ -88,9 +88,15 @@ def test_shared_prefix_rows_train_exactly_like_separate_copies(peft_model, imple
         {"instruction": "¿Respiran las plantas?", "output": "Sí, de día y de noche, en sus mitocondrias."},
         {"instruction": "¿Dónde ocurre el ciclo de Calvin?", "output": "En el estroma, mientras hay luz."},
     ]
-    rows = [tokenize_example(tokenizer, e, 256) for e in entries]
-    shared = shared_prefix_length(rows)
+    # A prompt longer than the rows: tokenize_example cuts it at the start, so it lacks the common prefix and
+    # must get a row of its own.
+    long_prompt = {"instruction": "Resume este texto: " + "La clorofila absorbe luz roja y azul. " * 40,
+                   "output": "La clorofila absorbe sobre todo luz roja y azul."}
+    rows = [tokenize_example(tokenizer, e, 160) for e in entries + [long_prompt]]
+    prefix = common_prefix(rows, 160)
+    shared = len(prefix)
     assert shared >= 20  # the system prompt and the user header of the chat template
+    assert rows[-1]["input_ids"][:shared] != prefix
 
     def loss_and_grads(batch):
         batch.pop("row_lengths")
@@ -108,9 +114,9 @@ def test_shared_prefix_rows_train_exactly_like_separate_copies(peft_model, imple
     # As the Trainer sets it: with a cache, transformers would not look for packed rows in the position ids.
     model.config.use_cache = False
     try:
-        # Two rows a batch, so padding (segment -1) is checked too.
-        apart = Collator(tokenizer.pad_token_id)(pack_in_order(rows, 200))
-        together_rows = pack_in_order(rows, 200, shared_prefix=shared)
+        # Several rows a batch, so padding (segment -1) is checked too.
+        apart = Collator(tokenizer.pad_token_id)(pack_in_order(rows, 160))
+        together_rows = pack_in_order(rows, 160, shared_prefix=prefix)
         together = Collator(tokenizer.pad_token_id)(together_rows)
         positions_apart = int(apart["input_ids"].ne(tokenizer.pad_token_id).sum())
         loss_apart, grads_apart, tokens_apart = loss_and_grads(apart)
@@ -119,6 +125,7 @@ def test_shared_prefix_rows_train_exactly_like_separate_copies(peft_model, imple
         model.set_attn_implementation(previous[0])
         model.config.use_cache = previous[1]
     assert sum(len(r["input_ids"]) for r in together_rows) < positions_apart - shared
+    assert rows[-1]["input_ids"] in [r["input_ids"] for r in together_rows]  # alone in its row
     assert tokens_together == tokens_apart  # tokens/s still counts the examples' own tokens
     assert torch.allclose(loss_together, loss_apart, rtol=1e-5, atol=1e-6)
     for name, grad in grads_apart.items():

@@ -15,59 +15,76 @@ alone and the prefix gets the sum of the gradients its copies would get.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from afinar.core.prompts import IGNORE_INDEX
 
 
-def pack_in_order(rows: list[dict], max_seq_length: int, open_rows: int = 1, shared_prefix: int = 0) -> list[dict]:
+def pack_in_order(rows: list[dict], max_seq_length: int, open_rows: int = 1,
+                  shared_prefix: Sequence[int] = ()) -> list[dict]:
     """Pack consecutive examples into rows of at most max_seq_length tokens.
 
     open_rows=1: each example goes into the current row or starts the next one (strict order). With
     open_rows=K, an example may also fill the gap left in one of the K most recent rows (first fit), so an
     example moves at most K rows earlier: the long/short mix survives at the scale of K rows, and rows are
     ~97% full instead of ~88% on Alpaca-like lengths (bench/bench_gpu_train.py data).
-    shared_prefix=S (from shared_prefix_length): an example joining a row drops its first S tokens, which the
-    row already has; its rows then carry segment_ids (which example of the row each token belongs to) and
-    example_tokens (the examples' own lengths, prefix included) for the Collator.
+    shared_prefix (from common_prefix): an example that starts with these tokens, joining a row of such examples,
+    drops them, as the row already has them; the rows then carry segment_ids (which example of the row each token
+    belongs to) and example_tokens (the examples' own lengths, prefix included) for the Collator. An example that
+    does not start with them (its prompt was cut to fit) gets a row of its own.
     """
+    size = len(shared_prefix)
     packed: list[dict] = []
-    open_: list[dict] = []
+    open_: list[tuple[dict, bool]] = []
     for row in rows:
         n = len(row["input_ids"])
-        target = next((r for r in open_ if len(r["input_ids"]) + n - shared_prefix <= max_seq_length), None)
+        shares = bool(size) and _starts_with(row, shared_prefix)
+        cost = n - size if shares else n
+        target = next((r for r, joinable in open_ if joinable == shares and (shares or not size)
+                       and len(r["input_ids"]) + cost <= max_seq_length), None)
         if target is None:
             target = {"input_ids": [], "labels": [], "position_ids": []}
-            if shared_prefix:
+            if size:
                 target.update(segment_ids=[], example_tokens=0)
-            open_.append(target)
+            open_.append((target, shares))
             if len(open_) > open_rows:
-                packed.append(open_.pop(0))
-        skip = shared_prefix if target["input_ids"] else 0
-        if shared_prefix:
+                packed.append(open_.pop(0)[0])
+        skip = size if shares and target["input_ids"] else 0
+        if size:
             target["segment_ids"] += [target["segment_ids"][-1] + 1 if skip else 0] * (n - skip)
             target["example_tokens"] += n
         target["input_ids"] += row["input_ids"][skip:]
         target["labels"] += row["labels"][skip:]
         target["position_ids"] += list(range(skip, n))
-    return packed + open_
+    return packed + [r for r, _ in open_]
 
 
-def shared_prefix_length(rows: list[dict]) -> int:
-    """How many leading tokens every example has in common, none of them a training target (0 if fewer than 2).
+def common_prefix(rows: list[dict], max_seq_length: int) -> list[int]:
+    """The leading tokens that every untruncated example has in common, none of them a training target.
 
-    The first token after the prefix must not be a target either: in a shared row it would be predicted from
-    the previous example's last token instead of from the prefix.
+    Rows of max_seq_length tokens are left out of the comparison: their prompt may have been cut at the start
+    (afinar.core.prompts.tokenize_example), and pack_in_order gives them rows of their own if so. The first token
+    after the prefix must not be a target either: in a shared row it would be predicted from the previous
+    example's last token instead of from the prefix. Empty with fewer than 2 untruncated examples.
     """
+    rows = [r for r in rows if len(r["input_ids"]) < max_seq_length]
     if len(rows) < 2:
-        return 0
+        return []
     first = rows[0]["input_ids"]
     limit = min(len(r["input_ids"]) for r in rows) - 1
     length = 0
     while length < limit and all(r["input_ids"][length] == first[length] for r in rows):
         length += 1
-    while length and any(IGNORE_INDEX != label for r in rows for label in r["labels"][:length + 1]):
+    while length and not all(_starts_with(r, first[:length]) for r in rows):
         length -= 1
-    return length
+    return list(first[:length])
+
+
+def _starts_with(row: dict, prefix: Sequence[int]) -> bool:
+    """The row begins with prefix, and neither the prefix nor the token after it is a training target."""
+    size = len(prefix)
+    return (len(row["input_ids"]) > size and row["input_ids"][:size] == list(prefix)
+            and all(label == IGNORE_INDEX for label in row["labels"][:size + 1]))
 
 
 def shared_prefix_mask(segment_ids, shared_prefix: int, implementation: str, dtype):

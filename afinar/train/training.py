@@ -6,14 +6,14 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from afinar.core import atomic, checkpoints, distributed
 from afinar.core.errors import UserError
 from afinar.core.layout import OutputLayout
 from afinar.core.models import unwrap_peft
 from afinar.core.prompts import tokenize_example
-from afinar.train.packing import Collator, pack_in_order, shared_prefix_length, shared_prefix_mask
+from afinar.train.packing import Collator, common_prefix, pack_in_order, shared_prefix_mask
 
 
 class NonFiniteLoss(RuntimeError):
@@ -34,7 +34,7 @@ def triton_available() -> bool:
 
 
 def build_dataset(entries: list[dict], tokenizer, max_seq_length: int, packing: bool, open_rows: int = 1,
-                  shared_prefix: int = 0):
+                  shared_prefix: Sequence[int] = ()):
     from datasets import Dataset
 
     rows = [tokenize_example(tokenizer, entry, max_seq_length) for entry in entries]
@@ -284,11 +284,11 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
     """
     from trl import SFTConfig
 
-    shared = 0
+    shared: list[int] = []
     # The shared prefix needs a 4D mask, which sdpa and eager attention take; the GPU engines pack their own way.
     if share_prefix and packing and unwrap_peft(model).config._attn_implementation in ("sdpa", "eager"):
-        shared = shared_prefix_length([tokenize_example(tokenizer, entry, settings["max_seq_length"])
-                                       for entry in train_entries])
+        shared = common_prefix([tokenize_example(tokenizer, entry, settings["max_seq_length"])
+                                for entry in train_entries], settings["max_seq_length"])
     dataset = build_dataset(train_entries, tokenizer, settings["max_seq_length"], packing, open_rows, shared)
     max_steps = settings.get("max_steps") or -1
     eval_steps = settings.get("eval_steps")
@@ -345,7 +345,7 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
                           processing_class=tokenizer, data_collator=collator, callbacks=[metrics_cb, timed_cb])
     _restore_adapter_dtypes_(model, adapter_dtypes)
     metrics_cb.trainer = timed_cb.trainer = trainer
-    trainer.shared_prefix = shared
+    trainer.shared_prefix = len(shared)
     trainer.kernel_fallback = kernel_fallback
 
     resume_from = None
@@ -388,7 +388,7 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
         "real_tokens": real_tokens,
         "tokens_per_second": round(real_tokens / max(seconds, 1e-9), 1),
         "train_examples": len(dataset),
-        "shared_prefix_tokens": shared,
+        "shared_prefix_tokens": len(shared),
         "resumed_from": str(resume_from.relative_to(layout.root)) if resume_from else None,
         "fused_lm_head": uses_fused_head(loss_impl),
         "loss_impl": loss_impl,
