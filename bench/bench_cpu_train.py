@@ -150,10 +150,12 @@ def run_project(steps: int, warmup: int, precision_flag: str = "auto", project_e
         data = entries(project_entries or steps * resolved["batch_size"] * 4)
         plan = engine.plan(resolved, device)  # what stage 03 does on this CPU: its packing included
         metrics = training.train(model, tokenizer, data, layout=OutputLayout.at(tmp), settings=resolved,
-                                 precision=precision, packing=plan.packing, open_rows=plan.open_rows)
+                                 precision=precision, packing=plan.packing, open_rows=plan.open_rows,
+                                 share_prefix=plan.share_prefix)
     layers = resolved.get("lora_layers") or "todas"
     return {"name": f"afinar (03): {precision}, LoRA en capas: {layers}, packing={plan.packing}, "
-                    f"open_rows={plan.open_rows}, batch {resolved['batch_size']}", "tok_s": clock.rate(warmup),
+                    f"open_rows={plan.open_rows}, prefijo compartido={plan.share_prefix}, "
+                    f"batch {resolved['batch_size']}", "tok_s": clock.rate(warmup),
             "entries": len(data), "epochs_covered": round(steps / max(1, -(-metrics["train_examples"] // 4)), 2),
             "frozen_prefix": prefix.summary() if prefix else None}
 
