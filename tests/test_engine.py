@@ -262,7 +262,7 @@ def test_a_kernel_the_card_cannot_run_falls_back_on_the_first_step(tmp_path, emb
     losses = [json.loads(line)["loss"] for line in layout.metrics.read_text().splitlines()]
     assert len(losses) == 2 and all(loss == loss and loss > 0 for loss in losses)
     # Tokens are counted once per step, not once per attempt: the 4 rows of the 2 steps, exactly.
-    rows = training.build_dataset(entries, tokenizer, 256, True, 8)
+    rows, _ = training.build_dataset(entries, tokenizer, 256, True, 8)
     assert metrics["real_tokens"] == sum(len(row["input_ids"]) for row in list(rows)[:4])
 
 

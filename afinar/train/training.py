@@ -6,7 +6,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from afinar.core import atomic, checkpoints, distributed
 from afinar.core.errors import UserError
@@ -34,13 +34,15 @@ def triton_available() -> bool:
 
 
 def build_dataset(entries: list[dict], tokenizer, max_seq_length: int, packing: bool, open_rows: int = 1,
-                  shared_prefix: Sequence[int] = ()):
+                  share_prefix: bool = False):
+    """(the rows as a Dataset, the leading tokens each packed row holds once: empty unless share_prefix)."""
     from datasets import Dataset
 
     rows = [tokenize_example(tokenizer, entry, max_seq_length) for entry in entries]
+    prefix = common_prefix(rows, max_seq_length) if packing and share_prefix else []
     if packing:
-        rows = pack_in_order(rows, max_seq_length, open_rows, shared_prefix)
-    return Dataset.from_list(rows)
+        rows = pack_in_order(rows, max_seq_length, open_rows, prefix)
+    return Dataset.from_list(rows), prefix
 
 
 def response_only_loss(model, inputs: dict, num_items_in_batch=None, row_lengths: list[int] | None = None):
@@ -284,16 +286,14 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
     """
     from trl import SFTConfig
 
-    shared: list[int] = []
     # The shared prefix needs a 4D mask, which sdpa and eager attention take; the GPU engines pack their own way.
-    if share_prefix and packing and unwrap_peft(model).config._attn_implementation in ("sdpa", "eager"):
-        shared = common_prefix([tokenize_example(tokenizer, entry, settings["max_seq_length"])
-                                for entry in train_entries], settings["max_seq_length"])
-    dataset = build_dataset(train_entries, tokenizer, settings["max_seq_length"], packing, open_rows, shared)
+    share_prefix = share_prefix and unwrap_peft(model).config._attn_implementation in ("sdpa", "eager")
+    dataset, shared = build_dataset(train_entries, tokenizer, settings["max_seq_length"], packing, open_rows,
+                                    share_prefix)
     max_steps = settings.get("max_steps") or -1
     eval_steps = settings.get("eval_steps")
     # Unpacked, one row per entry: the loss of each held-out answer, as 04's perplexity scores it.
-    eval_dataset = (build_dataset(eval_entries, tokenizer, settings["max_seq_length"], False)
+    eval_dataset = (build_dataset(eval_entries, tokenizer, settings["max_seq_length"], False)[0]
                     if eval_entries and eval_steps else None)
     config = SFTConfig(
         output_dir=str(layout.checkpoints),
