@@ -35,18 +35,19 @@ def pack_in_order(rows: list[dict], max_seq_length: int, open_rows: int = 1,
     """
     size = len(shared_prefix)
     packed: list[dict] = []
-    open_: list[tuple[dict, bool]] = []
+    open_: list[tuple[dict, bool]] = []  # (row, whether later examples may join it)
     for row in rows:
         n = len(row["input_ids"])
         shares = bool(size) and _starts_with(row, shared_prefix)
+        joins = shares or not size  # without the prefix, an example neither joins nor is joined
         cost = n - size if shares else n
-        target = next((r for r, joinable in open_ if joinable == shares and (shares or not size)
+        target = next((r for r, open_to_others in open_ if joins and open_to_others
                        and len(r["input_ids"]) + cost <= max_seq_length), None)
         if target is None:
             target = {"input_ids": [], "labels": [], "position_ids": []}
             if size:
                 target.update(segment_ids=[], example_tokens=0)
-            open_.append((target, shares))
+            open_.append((target, joins))
             if len(open_) > open_rows:
                 packed.append(open_.pop(0)[0])
         skip = size if shares and target["input_ids"] else 0
