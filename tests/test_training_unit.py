@@ -78,8 +78,8 @@ def test_shared_prefix_rows_train_exactly_like_separate_copies(peft_model, imple
     import torch
 
     from afinar.core.prompts import tokenize_example
-    from afinar.train.packing import Collator, common_prefix, pack_in_order, shared_prefix_mask
-    from afinar.train.training import response_only_loss
+    from afinar.train.packing import Collator, common_prefix, pack_in_order
+    from afinar.train.training import response_only_loss, use_shared_prefix_mask
 
     model, tokenizer = peft_model
     entries = [
@@ -101,9 +101,7 @@ def test_shared_prefix_rows_train_exactly_like_separate_copies(peft_model, imple
     def loss_and_grads(batch):
         batch.pop("row_lengths")
         tokens = batch.pop("real_tokens")
-        segment_ids = batch.pop("segment_ids", None)
-        if segment_ids is not None:  # what AfinarTrainer.compute_loss does before the forward
-            batch["attention_mask"] = shared_prefix_mask(segment_ids, shared, implementation, torch.float32)
+        use_shared_prefix_mask(model, batch, shared)  # as AfinarTrainer.compute_loss does before the forward
         model.zero_grad()
         loss = response_only_loss(model, batch)
         loss.backward()

@@ -73,6 +73,16 @@ def response_only_loss(model, inputs: dict, num_items_in_batch=None, row_lengths
     return total / count
 
 
+def use_shared_prefix_mask(model, inputs: dict, shared_prefix: int) -> None:
+    """Rows packed with a shared prefix (afinar.train.packing): the collator's segment_ids become the 4D mask,
+    built for the model's attention (boolean for sdpa, additive for eager) and dtype. No-op for other rows."""
+    segment_ids = inputs.pop("segment_ids", None)
+    if segment_ids is not None:
+        causal_lm = unwrap_peft(model)
+        inputs["attention_mask"] = shared_prefix_mask(segment_ids, shared_prefix,
+                                                      causal_lm.config._attn_implementation, causal_lm.dtype)
+
+
 LOSS_IMPLS = ("auto", "response_only")
 
 
@@ -102,11 +112,7 @@ def _make_trainer_class(loss_impl: str = "auto"):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             tokens = int(inputs.pop("real_tokens"))
             row_lengths = inputs.pop("row_lengths", None)
-            segment_ids = inputs.pop("segment_ids", None)
-            if segment_ids is not None:
-                causal_lm = unwrap_peft(model)
-                inputs["attention_mask"] = shared_prefix_mask(segment_ids, self.shared_prefix,
-                                                              causal_lm.config._attn_implementation, causal_lm.dtype)
+            use_shared_prefix_mask(model, inputs, self.shared_prefix)
             if not model.training:
                 # The periodic evaluation: the same response-only loss, and no training-token count.
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
