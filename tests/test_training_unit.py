@@ -128,3 +128,35 @@ def test_shared_prefix_rows_train_exactly_like_separate_copies(peft_model, imple
     assert torch.allclose(loss_together, loss_apart, rtol=1e-5, atol=1e-6)
     for name, grad in grads_apart.items():
         assert torch.allclose(grads_together[name], grad, rtol=1e-3, atol=1e-6), name
+
+
+def test_loraplus_moves_lora_b_ratio_times_faster(embedded_path):
+    """LoRA+ (bench/cpu_quality_sweep.py's `lpr`): after one AdamW step, lora_B moved `ratio` times as far as lora_A,
+    and every trainable parameter is still in exactly one group."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from afinar.core.settings import LORA_TARGET_MODULES
+    from afinar.train.training import lora_b_faster, response_only_loss
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(embedded_path, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                      task_type="CAUSAL_LM"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # Two groups, as the Trainer builds them (with and without weight decay).
+    optimizer = torch.optim.AdamW([{"params": trainable[::2], "weight_decay": 0.0},
+                                   {"params": trainable[1::2], "weight_decay": 0.0}], lr=1e-3)
+    lora_b_faster(optimizer, model, 4.0)
+    grouped = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(grouped) == len(trainable) and {id(p) for p in grouped} == {id(p) for p in trainable}
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    response_only_loss(model, _batch(AutoTokenizer.from_pretrained(embedded_path), packed=False)).backward()
+    optimizer.step()
+    moved = {name: (p.detach() - before[name]).abs().max().item() for name, p in model.named_parameters()
+             if p.requires_grad}
+    # Adam's first step moves each weight by ~lr (the gradient over its own magnitude).
+    step_a = max(v for name, v in moved.items() if "lora_A" in name)
+    step_b = max(v for name, v in moved.items() if "lora_B" in name)
+    assert step_a == pytest.approx(1e-3, rel=0.05) and step_b == pytest.approx(4e-3, rel=0.05)

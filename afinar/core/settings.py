@@ -22,15 +22,16 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
     "lora_dropout": (0.0, 0.0, "con pocas épocas no hace falta regularizar, y sin dropout Unsloth va más rápido"),
     "max_seq_length": (2048, 640, "más largo cabe más texto por ejemplo y cuesta más memoria; 640 en CPU cubre el "
                        "ensayo más largo de tu_dataset.json"),
-    "learning_rate": (2e-4, 6e-3, "2e-4 es lo habitual en QLoRA; en CPU, con ~60 pasos, el modelo de 135M necesita "
-                      "más: con 6e-3 y 1,25 épocas cumple la perplejidad apartada con todas las respuestas "
+    "learning_rate": (2e-4, 3e-3, "2e-4 es lo habitual en QLoRA; en CPU, con ~140 pasos de una fila, el modelo de "
+                      "135M necesita más: con 3e-3 y una época cumple la perplejidad apartada con todas las respuestas "
                       "terminadas en EOS (BENCHMARKS.md)"),
-    "epochs": (3.0, 1.25, "más épocas fijan mejor el estilo y la perplejidad apartada, con riesgo de memorizar; en "
-               "CPU, 1,25 épocas de las 461 entradas cumplen la perplejidad apartada con menos tokens que 2 de las "
-               "301 de antes (BENCHMARKS.md)"),
+    "epochs": (3.0, 1.0, "más épocas fijan mejor el estilo y la perplejidad apartada, con riesgo de memorizar; en "
+               "CPU, una época de las 461 entradas en pasos de una fila cumple la perplejidad apartada con menos "
+               "tokens que 1,25 en pasos de cuatro (BENCHMARKS.md)"),
     "max_steps": (None, None, "sin límite: manda --epochs; úsalo para pruebas rápidas"),
-    "batch_size": (None, 4, "en GPU, automático según el motor y la memoria de la tarjeta; en CPU, más lote no da "
-                   "más velocidad"),
+    "batch_size": (None, 1, "en GPU, automático según el motor y la memoria de la tarjeta; en CPU, una fila "
+                   "empaquetada por paso: cada token cuesta una quinta parte menos que en lotes de 4 y, con el mismo número "
+                   "de tokens, el modelo aprende más (más pasos; BENCHMARKS.md)"),
     "grad_accum": (1, 1, "con lotes de 4-8 y pocas entradas, acumular solo reduce el número de pasos"),
     "seed": (42, 42, "fija el orden de los datos y la inicialización de LoRA para poder repetir el resultado"),
     "warmup_ratio": (0.05, 0.05, "un calentamiento corto evita pasos bruscos al principio"),

@@ -105,7 +105,7 @@ def plan(settings: dict[str, Any], device: DeviceInfo, requested: str = "auto",
         if want_fp8:
             raise UserError("--fp8 necesita una GPU con multiplicaciones FP8 (Hopper o posterior) y el motor "
                             "compilado; en CPU se entrena sin --fp8.")
-        return Plan("eager", "hf", batch or 4, True if packing is None else packing, False,
+        return Plan("eager", "hf", batch or 1, True if packing is None else packing, False,
                     open_rows=CPU_OPEN_ROWS, share_prefix=True, reasons=["CPU: transformers + PEFT sin compilar"])
 
     engine = requested

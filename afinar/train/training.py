@@ -105,6 +105,7 @@ def _make_trainer_class(loss_impl: str = "auto"):
         real_tokens = 0
         shared_prefix = 0  # afinar.train.packing: the leading tokens each packed row holds once
         kernel_fallback = None  # afinar.train.engine.kernel_fallback, until the first step has run
+        loraplus_lr_ratio = 1.0  # LoRA+: lora_B's learning rate over lora_A's (1 = plain LoRA)
         # On a GPU, checking each loss on the host would stall the queue once per step: the check is
         # accumulated on the device and read when the step is logged or saved (never after a bad save).
         first_bad_step = None
@@ -160,11 +161,35 @@ def _make_trainer_class(loss_impl: str = "auto"):
                 self.kernel_fallback = None
                 return loss
 
+        def create_optimizer(self, model=None):
+            optimizer = super().create_optimizer(model)
+            if self.loraplus_lr_ratio != 1.0 and not getattr(optimizer, "_afinar_loraplus", False):
+                lora_b_faster(optimizer, self.model if model is None else model, self.loraplus_lr_ratio)
+            return optimizer
+
         def raise_if_nonfinite(self):
             if self.first_bad_step is not None and int(self.first_bad_step) > 0:
                 raise NonFiniteLoss(int(self.first_bad_step), float("nan"))
 
     return AfinarTrainer
+
+
+def lora_b_faster(optimizer, model, ratio: float) -> None:
+    """LoRA+ (Hayou et al., 2024): the lora_B matrices learn `ratio` times faster than lora_A.
+
+    B starts at zero and maps the rank-r space to the layer's width; with one learning rate for both, B moves too
+    slowly for the width and the adapter learns features late. Each of the Trainer's groups gives its lora_B
+    parameters to a twin group with the scaled rate; the scheduler then scales every group alike.
+    """
+    lora_b = {id(p) for name, p in model.named_parameters() if "lora_B" in name}
+    for group in list(optimizer.param_groups):
+        moved = [p for p in group["params"] if id(p) in lora_b]
+        if moved:
+            group["params"] = [p for p in group["params"] if id(p) not in lora_b]
+            optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
+                                       "params": moved, "lr": group["lr"] * ratio})
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    optimizer._afinar_loraplus = True
 
 
 def _make_callbacks(layout: OutputLayout, save_minutes: float):
@@ -353,6 +378,7 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
     metrics_cb.trainer = timed_cb.trainer = trainer
     trainer.shared_prefix = len(shared)
     trainer.kernel_fallback = kernel_fallback
+    trainer.loraplus_lr_ratio = float(settings.get("loraplus_lr_ratio") or 1.0)
 
     resume_from = None
     if resume:
