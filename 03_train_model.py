@@ -26,6 +26,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=float, default=None, help=settings.help_text("epochs", "épocas"))
     p.add_argument("--learning-rate", type=float, default=None,
                    help=settings.help_text("learning_rate", "tasa de aprendizaje"))
+    p.add_argument("--loraplus-lr-ratio", type=float, default=None,
+                   help=settings.help_text("loraplus_lr_ratio", "tasa de lora_B sobre la de lora_A"))
     p.add_argument("--batch-size", type=int, default=None, help=settings.help_text("batch_size", "tamaño de lote"))
     p.add_argument("--grad-accum", type=int, default=None,
                    help=settings.help_text("grad_accum", "pasos de acumulación de gradiente"))

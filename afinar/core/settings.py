@@ -22,16 +22,19 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
     "lora_dropout": (0.0, 0.0, "con pocas épocas no hace falta regularizar, y sin dropout Unsloth va más rápido"),
     "max_seq_length": (2048, 640, "más largo cabe más texto por ejemplo y cuesta más memoria; 640 en CPU cubre el "
                        "ensayo más largo de tu_dataset.json"),
-    "learning_rate": (2e-4, 3e-3, "2e-4 es lo habitual en QLoRA; en CPU, con ~140 pasos de una fila, el modelo de "
-                      "135M necesita más: con 3e-3 y una época cumple la perplejidad apartada con todas las respuestas "
-                      "terminadas en EOS (BENCHMARKS.md)"),
-    "epochs": (3.0, 1.0, "más épocas fijan mejor el estilo y la perplejidad apartada, con riesgo de memorizar; en "
-               "CPU, una época de las 461 entradas en pasos de una fila cumple la perplejidad apartada con menos "
-               "tokens que 1,25 en pasos de cuatro (BENCHMARKS.md)"),
+    "learning_rate": (2e-4, 1.5e-3, "2e-4 es lo habitual en QLoRA; en CPU, con ~130 pasos de una fila, el modelo de "
+                      "135M necesita más: con 1,5e-3 (y LoRA+ 4) y 0,9 épocas cumple la perplejidad apartada con "
+                      "todas las respuestas terminadas en EOS (BENCHMARKS.md)"),
+    "epochs": (3.0, 0.9, "más épocas fijan mejor el estilo y la perplejidad apartada, con riesgo de memorizar; en "
+               "CPU, 0,9 épocas de las 461 entradas en pasos de una fila, con LoRA+, cumplen la perplejidad apartada "
+               "con casi un tercio menos de tokens que 1,25 épocas en pasos de cuatro (BENCHMARKS.md)"),
+    "loraplus_lr_ratio": (1.0, 4.0, "LoRA+: la tasa de las matrices B de LoRA sobre la de las A; 1 es LoRA de siempre. "
+                          "En CPU, 4 deja con 0,9 épocas la misma perplejidad apartada que 1 época sin él "
+                          "(BENCHMARKS.md)"),
     "max_steps": (None, None, "sin límite: manda --epochs; úsalo para pruebas rápidas"),
     "batch_size": (None, 1, "en GPU, automático según el motor y la memoria de la tarjeta; en CPU, una fila "
-                   "empaquetada por paso: cada token cuesta una quinta parte menos que en lotes de 4 y, con el mismo número "
-                   "de tokens, el modelo aprende más (más pasos; BENCHMARKS.md)"),
+                   "empaquetada por paso: cada token cuesta lo mismo que en lotes de 4, y con los mismos tokens hay "
+                   "4 veces más pasos, con los que el modelo aprende más (BENCHMARKS.md)"),
     "grad_accum": (1, 1, "con lotes de 4-8 y pocas entradas, acumular solo reduce el número de pasos"),
     "seed": (42, 42, "fija el orden de los datos y la inicialización de LoRA para poder repetir el resultado"),
     "warmup_ratio": (0.05, 0.05, "un calentamiento corto evita pasos bruscos al principio"),
@@ -64,7 +67,7 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
 LOAD_KEYS = ("model", "base_path", "backend", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "lora_layers")
 TRAIN_KEYS = ("max_seq_length", "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "seed",
               "warmup_ratio", "save_steps", "save_minutes", "logging_steps", "eval_steps", "packing", "engine", "fp8",
-              "preference", "dpo_beta", "preference_epochs", "preference_learning_rate")
+              "preference", "dpo_beta", "preference_epochs", "preference_learning_rate", "loraplus_lr_ratio")
 
 
 def default(name: str, device_kind: str) -> Any:

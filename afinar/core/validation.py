@@ -70,6 +70,7 @@ RULES: dict[str, Rule] = {
     "max_seq_length": Rule("int", low=MIN_SEQ_LENGTH, high=1_048_576),
     "learning_rate": Rule("number", low=0, low_open=True),
     "epochs": Rule("number", low=0, low_open=True, high=100_000),
+    "loraplus_lr_ratio": Rule("number", low=1, high=1000, nullable=True),  # null in a run.json from before it existed
     "max_steps": Rule("int", low=1, high=10**9, nullable=True),
     "batch_size": Rule("int", low=1, high=65536, nullable=True),
     "grad_accum": Rule("int", low=1, high=65536),

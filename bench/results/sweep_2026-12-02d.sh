@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Eleventh session, second call: the candidates of sweep_2026-12-02c.sh on another seed and on the split of the
-# 301 entries of before (.sw11/d301.json + the 160 corrective entries as --extra, training only).
+# 301 entries of before (.sw11/d301.json + the 160 corrective entries as --extra, training only). Made here with
+#   mkdir -p .sw11 && python3 -c "import json; d = json.load(open('tu_dataset.json')); \
+#     json.dump(d[:301], open('.sw11/d301.json', 'w'), ensure_ascii=False); \
+#     json.dump(d[301:], open('.sw11/x160.json', 'w'), ensure_ascii=False)"
+# and carried with .gg2 and .whs.
 set -u
 run() { timeout 570 bash bench/quality_on_gpu.sh run --out "$OUT/$1.json" "${@:2}" > "$OUT/$1.log" 2>&1; }
 C1="K=30,pe=0,bs=1,epochs=0.8,lr=1e-3,lpr=4"; C2="K=30,pe=0,bs=1,epochs=0.8,lr=3e-3"
