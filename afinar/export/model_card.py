@@ -42,6 +42,7 @@ _SETTINGS_ROWS = (
     ("lora_dropout", "lora_dropout"),
     ("target_modules", "Módulos adaptados"),
     ("learning_rate", "Tasa de aprendizaje"),
+    ("loraplus_lr_ratio", "LoRA+: tasa de lora_B sobre la de lora_A"),
     ("epochs", "Épocas"),
     ("max_steps", "Pasos máximos (max_steps)"),
     ("max_seq_length", "Longitud máxima de secuencia"),
