@@ -160,3 +160,33 @@ def test_loraplus_moves_lora_b_ratio_times_faster(embedded_path):
     step_a = max(v for name, v in moved.items() if "lora_A" in name)
     step_b = max(v for name, v in moved.items() if "lora_B" in name)
     assert step_a == pytest.approx(1e-3, rel=0.05) and step_b == pytest.approx(4e-3, rel=0.05)
+
+
+@pytest.mark.parametrize("dtype_name, merged", [("float32", True), ("bfloat16", False)])
+def test_after_passes_merge_the_adapter_only_in_fp32(embedded_path, dtype_name, merged):
+    """04 on the CPU scores the tuned model with the adapter merged (faster, the exported model) only in fp32, where
+    the logits match base + adapter computed apart; in bf16 the merge would round the adapter's changes away."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from afinar.stages.stage_export import _adapter_merged
+
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(embedded_path, dtype=dtype),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                      init_lora_weights=False, task_type="CAUSAL_LM")).eval()
+    ids = AutoTokenizer.from_pretrained(embedded_path)("La fotólisis del agua libera oxígeno.", return_tensors="pt")
+    with torch.inference_mode():
+        apart = model(**ids).logits
+        with _adapter_merged(model):
+            layer = model.base_model.model.model.layers[0].self_attn.q_proj
+            assert layer.merged is merged
+            inside = model(**ids).logits
+        assert not layer.merged
+        after = model(**ids).logits
+    # Merging and unmerging add and subtract B·A in fp32: equal up to rounding (bf16: never merged, exactly equal).
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if merged else {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(after, apart, **tolerance)
+    torch.testing.assert_close(inside, apart, **tolerance)

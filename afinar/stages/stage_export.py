@@ -12,7 +12,7 @@ from afinar.core import atomic, manifest, overwrite
 from afinar.core.environment import detect_device
 from afinar.core.errors import UserError
 from afinar.core.layout import OutputLayout
-from afinar.core.models import free_gpu_memory, model_device
+from afinar.core.models import free_gpu_memory, model_device, unwrap_peft
 from afinar.core.prompts import configure_from_manifest
 from afinar.data.data_check import read_dataset
 from afinar.evaluate import probe
@@ -107,10 +107,13 @@ def _adapter_merged(model):
 
     The merged weights are the model that 04 exports (merged_16bit/, GGUF), and the same numbers up to rounding
     as base + adapter computed apart; without the 210 small LoRA products per token the 'after' passes take
-    ~15 % less time. On a GPU the base is usually 4-bit, where merging would round the sum to 4 bits: there the
-    adapter stays apart.
+    ~15 % less time. Only in fp32: a bf16 base would round the adapter's small changes away (the export itself
+    merges in float16), and on a GPU the base is usually 4-bit. There the adapter stays apart.
     """
-    merge = model_device(model).type == "cpu" and hasattr(model, "merge_adapter")
+    import torch
+
+    merge = (model_device(model).type == "cpu" and hasattr(model, "merge_adapter")
+             and unwrap_peft(model).dtype == torch.float32)
     if merge:
         model.merge_adapter()
     try:
