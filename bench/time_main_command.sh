@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The README's main command, stage by stage, timed, in a fresh clone (tasks 14 and 24; BENCHMARKS.md).
+#
+#   git clone /work/main /tmp/fresh && bash bench/time_main_command.sh /tmp/fresh --avx2
+#
+# --avx2 makes PyTorch and oneDNN use AVX2 only (no AVX-512, no AMX), as on most laptops: 03 then trains in fp32.
+# Each stage's output goes to log_<stage>.txt in the clone; run it with nothing else on the CPU.
+set -u
+dir=${1:?uso: bash bench/time_main_command.sh CARPETA_DEL_CLON [--avx2]}
+[ "${2:-}" = "--avx2" ] && export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+cd "$dir" || exit 2
+total=0
+for stage in "bash 01_setup.sh" "python3 02_load_model.py" "python3 03_train_model.py" "python3 04_inference_and_export.py"; do
+  start=$(date +%s.%N)
+  $stage > "log_$(basename "${stage#* }" | cut -d. -f1).txt" 2>&1
+  rc=$?
+  seconds=$(echo "$(date +%s.%N) - $start" | bc)
+  total=$(echo "$total + $seconds" | bc)
+  echo "$stage: rc=$rc, $seconds s"
+  [ $rc -eq 0 ] || exit $rc
+done
+echo "total: $total s"
