@@ -156,7 +156,8 @@ def run_project(steps: int, warmup: int, precision_flag: str = "auto", project_e
     return {"name": f"afinar (03): {precision}, LoRA en capas: {layers}, packing={plan.packing}, "
                     f"open_rows={plan.open_rows}, prefijo compartido={plan.share_prefix}, "
                     f"batch {resolved['batch_size']}", "tok_s": clock.rate(warmup),
-            "entries": len(data), "epochs_covered": round(steps * resolved["batch_size"] / max(1, metrics["train_examples"]), 2),
+            "entries": len(data),
+            "epochs_covered": round(steps * resolved["batch_size"] / max(1, metrics["train_examples"]), 2),
             "frozen_prefix": prefix.summary() if prefix else None}
 
 

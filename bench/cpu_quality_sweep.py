@@ -124,7 +124,8 @@ def main() -> int:
             if c["short"]:
                 train_entries = [e for e in train_entries if word_count(e["output"]) < LONG_MIN_WORDS]
             settings = {"max_seq_length": int(c["seq"]), "learning_rate": c["lr"], "epochs": c["epochs"],
-                        "max_steps": None, "batch_size": int(c["bs"]), "grad_accum": 1, "seed": int(c["seed"]), "warmup_ratio": c["warm"],
+                        "max_steps": None, "batch_size": int(c["bs"]), "grad_accum": 1, "seed": int(c["seed"]),
+                        "warmup_ratio": c["warm"],
                         "save_steps": 10_000, "save_minutes": 10_000.0, "logging_steps": 10, "eval_steps": None,
                         "loraplus_lr_ratio": c["lpr"]}
             t0 = time.perf_counter()

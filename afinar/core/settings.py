@@ -27,9 +27,9 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
                       "todas las respuestas terminadas en EOS (BENCHMARKS.md)"),
     "epochs": (3.0, 0.9, "más épocas fijan mejor el estilo y la perplejidad apartada, con riesgo de memorizar; en "
                "CPU, 0,9 épocas de las 461 entradas en pasos de una fila, con LoRA+, cumplen la perplejidad apartada "
-               "con casi un tercio menos de tokens que 1,25 épocas en pasos de cuatro (BENCHMARKS.md)"),
+               "con un 28 por ciento menos de tokens que 1,25 épocas en pasos de cuatro (BENCHMARKS.md)"),
     "loraplus_lr_ratio": (1.0, 4.0, "LoRA+: la tasa de las matrices B de LoRA sobre la de las A; 1 es LoRA de siempre. "
-                          "En CPU, 4 deja con 0,9 épocas la misma perplejidad apartada que 1 época sin él "
+                          "En CPU, 4 deja con 0,9 épocas casi la misma perplejidad apartada que 1 época sin él "
                           "(BENCHMARKS.md)"),
     "max_steps": (None, None, "sin límite: manda --epochs; úsalo para pruebas rápidas"),
     "batch_size": (None, 1, "en GPU, automático según el motor y la memoria de la tarjeta; en CPU, una fila "

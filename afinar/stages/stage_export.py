@@ -112,8 +112,7 @@ def _adapter_merged(model):
     """
     import torch
 
-    merge = (model_device(model).type == "cpu" and hasattr(model, "merge_adapter")
-             and unwrap_peft(model).dtype == torch.float32)
+    merge = model_device(model).type == "cpu" and unwrap_peft(model).dtype == torch.float32
     if merge:
         model.merge_adapter()
     try:

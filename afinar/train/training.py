@@ -162,8 +162,9 @@ def _make_trainer_class(loss_impl: str = "auto"):
                 return loss
 
         def create_optimizer(self, model=None):
+            fresh = self.optimizer is None  # the Trainer asks again later and gets the same optimizer back
             optimizer = super().create_optimizer(model)
-            if self.loraplus_lr_ratio != 1.0 and not getattr(optimizer, "_afinar_loraplus", False):
+            if fresh and self.loraplus_lr_ratio != 1.0:
                 lora_b_faster(optimizer, self.model if model is None else model, self.loraplus_lr_ratio)
             return optimizer
 
@@ -189,7 +190,6 @@ def lora_b_faster(optimizer, model, ratio: float) -> None:
             optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
                                        "params": moved, "lr": group["lr"] * ratio})
     optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
-    optimizer._afinar_loraplus = True
 
 
 def _make_callbacks(layout: OutputLayout, save_minutes: float):
