@@ -192,7 +192,9 @@ def main() -> None:
 
     results = []
     for only, extra_path in (("anchor", str(anchor_site())), ("project", "")):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (extra_path, str(ROOT)) if p),
+        # Keep an inherited PYTHONPATH (the lent GPU machine brings TRL and datasets in one) after ours.
+        paths = (extra_path, str(ROOT), os.environ.get("PYTHONPATH", ""))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p),
                "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run([sys.executable, __file__, "--only", only, "--steps", str(args.steps),
                                "--warmup", str(args.warmup), "--batch", str(args.batch),
@@ -217,7 +219,7 @@ def main() -> None:
     if not suffix:
         targets.append(ROOT / "bench" / "results" / "cpu_latest.json")
     for out in targets:
-        out.write_text(json.dumps({"device": "cpu", "cores": os.cpu_count(),
+        out.write_text(json.dumps({"device": "cpu", "cores": len(os.sched_getaffinity(0)),
                                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                    "steps": args.steps, "warmup": args.warmup, "anchor": anchor, "project": ours,
                                    "cpu_flags": _cpu_isa(), "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"),

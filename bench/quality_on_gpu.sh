@@ -7,6 +7,8 @@
 #            call 2, right after (the machine must still be warm), carry [".gg2", ".whs"]:
 #                    bash bench/quality_on_gpu.sh run --out $OUT/sweep.json "e2_lr5:K=30,epochs=2,lr=5e-3,pe=0" ...
 #            (several `run`s may go in parallel with `&` and `wait`: one GPU holds four sweeps at once)
+#            or, on 2 of its CPU cores with AMX: bash bench/quality_on_gpu.sh cpu-train --steps 12 --warmup 2
+#                                                bash bench/quality_on_gpu.sh cpu-main
 # .whs holds only the wheels the CPU path needs there (TRL, datasets and what the data checks import).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,10 +25,10 @@ case "${1:-}" in
     du -sh .gg1 .gg2 .whs ;;
   receive)
     mkdir -p /tmp/gg && cp .gg1/part1 /tmp/gg/ ;;
-  run)
+  run|cpu-train|cpu-main)
     # Several sweeps may start at once (one process per group of configurations): the first one assembles the
     # model and installs the wheels, the others wait on the lock.
-    shift
+    mode=$1; shift
     [ -f /tmp/gg/part1 ] || { echo "Falta la primera parte: la máquina no es la de la llamada anterior."; exit 3; }
     export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 AFINAR_CACHE=/tmp/afc
     (
@@ -40,6 +42,16 @@ case "${1:-}" in
         touch /tmp/site/.ready
       fi
     ) 9> /tmp/gg/.lock
-    python3 bench/cpu_quality_sweep.py --device cuda "$@" ;;
-  *) echo "uso: $0 split | receive | run ARGS..."; exit 2 ;;
+    # The machine's Xeon has AMX: cpu-train and cpu-main give BENCHMARKS.md its AMX rows on 2 of its cores, with
+    # the GPU hidden (the CUDA build of torch runs the CPU path as the CPU build would). cpu-train needs
+    # .cache/trl-1.16.0 (the anchor's TRL) carried along.
+    case "$mode" in
+      run) python3 bench/cpu_quality_sweep.py --device cuda "$@" ;;
+      cpu-train) CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=2 taskset -c 0,1 python3 bench/bench_cpu_train.py "$@" ;;
+      cpu-main) rm -rf /tmp/main && mkdir /tmp/main &&
+        tar -c --exclude=./.git --exclude='./.g*' --exclude=./.whs --exclude=./.cache --exclude=./salida . | tar -x -C /tmp/main &&
+        CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=2 taskset -c 0,1 bash bench/time_main_command.sh /tmp/main --no-setup "$@";
+        rc=$?; cp /tmp/main/log_*.txt /tmp/main/salida/contraste/informe.md "${OUT:-/tmp}/" 2>/dev/null; exit $rc ;;
+    esac ;;
+  *) echo "uso: $0 split | receive | run ARGS... | cpu-train ARGS... | cpu-main"; exit 2 ;;
 esac

@@ -266,7 +266,7 @@ def quantize(data: np.ndarray, type_name: str, threads: int | None = None) -> np
     def work(start: int) -> None:
         out[start:start + CHUNK_SUPER_BLOCKS] = function(blocks[start:start + CHUNK_SUPER_BLOCKS])
 
-    threads = max(1, min(threads or os.cpu_count() or 1, len(starts)))
+    threads = max(1, min(threads or len(os.sched_getaffinity(0)) or 1, len(starts)))
     if threads == 1:
         for start in starts:
             work(start)
