@@ -18,6 +18,7 @@ fresh entries every step (it would not gain from repeats). --project-entries 0 g
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -220,6 +221,7 @@ def main() -> None:
         targets.append(ROOT / "bench" / "results" / "cpu_latest.json")
     for out in targets:
         out.write_text(json.dumps({"device": "cpu", "cores": len(os.sched_getaffinity(0)),
+                                   "torch": importlib.metadata.version("torch"),
                                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                    "steps": args.steps, "warmup": args.warmup, "anchor": anchor, "project": ours,
                                    "cpu_flags": _cpu_isa(), "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"),

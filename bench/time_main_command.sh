@@ -17,14 +17,17 @@ for flag in "${@:2}"; do
   esac
 done
 cd "$dir" || exit 2
+# Milliseconds in shell arithmetic: the lent GPU machine has no bc.
+ms() { echo $(( $(date +%s%N) / 1000000 )); }
+seconds() { printf '%d.%03d' $(( $1 / 1000 )) $(( $1 % 1000 )); }
 total=0
 for stage in "${stages[@]}"; do
-  start=$(date +%s.%N)
+  start=$(ms)
   $stage > "log_$(basename "${stage#* }" | cut -d. -f1).txt" 2>&1
   rc=$?
-  seconds=$(echo "$(date +%s.%N) - $start" | bc)
-  total=$(echo "$total + $seconds" | bc)
-  echo "$stage: rc=$rc, $seconds s"
+  took=$(( $(ms) - start ))
+  total=$(( total + took ))
+  echo "$stage: rc=$rc, $(seconds $took) s"
   [ $rc -eq 0 ] || exit $rc
 done
-echo "total: $total s"
+echo "total: $(seconds $total) s"
