@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from afinar.core.errors import UserError
+from afinar.core.models import model_device
 from afinar.core.prompts import ensure_pad_token, tokenize_example
 from afinar.evaluate.generation import _inference
-from afinar.evaluate.logprobs import right_padded, sequence_logps
+from afinar.evaluate.logprobs import packed_logps, right_padded, sequence_logps
 
 DEFAULT_PROBE_FILE = "sondas_errores.json"
 MIN_PROBE_SHARE = 0.9  # the verdict's bar: the true statement wins on at least 90 % of the pairs
@@ -60,9 +61,16 @@ def score_pairs(model, tokenizer, pairs: Sequence[dict[str, str]], *, max_seq_le
 
     scores: list[float] = []
     with _inference(model):
-        for start in range(0, len(rows), batch_size * 2):
-            logps, _ = sequence_logps(model, right_padded(rows[start:start + batch_size * 2], tokenizer.pad_token_id))
-            scores += [float(v) for v in logps.float().cpu()]
+        if model_device(model).type == "cpu":
+            # Each pair's system prompt and question computed once (afinar.evaluate.logprobs.packed_logps): the
+            # same scores, ~40 % faster. A GPU keeps the padded batches (Unsloth's attention and 4D masks).
+            logps, _ = packed_logps(model, rows, [(i, i + 1) for i in range(0, len(rows), 2)],
+                                    max_row_tokens=max_seq_length, pad_id=tokenizer.pad_token_id)
+            scores = [float(v) for v in logps]
+        else:
+            for start in range(0, len(rows), batch_size * 2):
+                batch = right_padded(rows[start:start + batch_size * 2], tokenizer.pad_token_id)
+                scores += [float(v) for v in sequence_logps(model, batch)[0].float().cpu()]
     results = []
     for i, pair in enumerate(pairs):
         true_logp, false_logp = scores[2 * i], scores[2 * i + 1]

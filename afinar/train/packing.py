@@ -88,10 +88,12 @@ def _starts_with(row: dict, prefix: Sequence[int]) -> bool:
             and all(label == IGNORE_INDEX for label in row["labels"][:size + 1]))
 
 
-def shared_prefix_mask(segment_ids, shared_prefix: int, implementation: str, dtype):
+def shared_prefix_mask(segment_ids, shared_prefix: int, implementation: str, dtype, branch_ids=None):
     """The 4D attention mask of rows packed with a shared prefix: causal, within each example, plus the prefix.
 
     Padding is segment -1: it sees itself and the prefix, never a real token's keys (and no real token sees it).
+    branch_ids (afinar.evaluate.logprobs.packed_logps): within a segment, branch 0 is the part its members share
+    and each other branch sees it and itself, not its sibling branches.
     sdpa takes a boolean mask (True = attend); eager attention adds the mask to the scores.
     """
     import torch
@@ -99,7 +101,10 @@ def shared_prefix_mask(segment_ids, shared_prefix: int, implementation: str, dty
     length = segment_ids.shape[1]
     index = torch.arange(length, device=segment_ids.device)
     causal = index[None, :] <= index[:, None]
-    allowed = causal & ((segment_ids[:, :, None] == segment_ids[:, None, :]) | (index < shared_prefix)[None, None, :])
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if branch_ids is not None:
+        same &= (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
+    allowed = causal & (same | (index < shared_prefix)[None, None, :])
     allowed = allowed[:, None]
     if implementation == "sdpa":
         return allowed
