@@ -212,12 +212,17 @@ def test_perplexity_batches_rows_of_similar_length(model_and_tokenizer):
     hook = model.model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape),
                                                  with_kwargs=True)
     try:
-        response_nll(model, tokenizer, entries, max_seq_length=256, batch_size=2)
+        padded = response_nll(model, tokenizer, entries, max_seq_length=256, batch_size=2, packed=False)
+        padded_widths, widths[:] = list(widths), []
+        packed = response_nll(model, tokenizer, entries, max_seq_length=256)  # on the CPU: packed rows
     finally:
         hook.remove()
-    # In the given order each batch pairs a long row with a short one and pads the short one to the long length;
-    # sorted by length, the two short rows share one batch and the two long rows the other.
-    assert len(widths) == 2 and widths[0][1] < widths[1][1] / 2
+    # Padded batches (the GPU's way): in the given order each batch would pair a long row with a short one and pad
+    # the short one to the long length; sorted by length, the two short rows share one batch, the long ones the other.
+    assert len(padded_widths) == 2 and padded_widths[0][1] < padded_widths[1][1] / 2
+    # Packed rows (the CPU's): no padding and the system prompt once per row, so fewer positions, the same sum.
+    assert sum(w[0] * w[1] for w in widths) < 0.9 * sum(w[0] * w[1] for w in padded_widths)
+    assert packed[1] == padded[1] and packed[0] == pytest.approx(padded[0], rel=1e-5)
 
 
 def test_perplexity_rejects_malformed_entries(model_and_tokenizer):

@@ -1,8 +1,10 @@
-"""Merge and GGUF export in a process of their own.
+"""Merge and GGUF export, in a process of their own where Unsloth has been imported.
 
 Unsloth patches transformers' Llama classes globally when it is imported; a merge in the same process
 would run the fp32 reference model through those patches (and their CUDA-only rope caches). A fresh
-process also hands back every byte the tuned model held before the 16-bit copy is built.
+process also hands back every byte the tuned model held before the 16-bit copy is built. Without Unsloth
+(the CPU path) there is nothing to escape, and the new process would cost its imports again (~4 s of 04's
+~100 s on 2 cores): run_export does the same work in the caller's process there.
 
     python -m afinar.export.export_worker --output-dir salida --merge-dtype float16 --gguf q8_0 --result FILE
 """
@@ -43,6 +45,19 @@ def export(layout: OutputLayout, base_path: str, merge_dtype: str, formats: list
     return record
 
 
+def run_export(layout: OutputLayout, run_manifest: dict, merge_dtype: str, formats: list[str]) -> dict:
+    """04's merge and GGUF export: in a new process after Unsloth, here otherwise. The same record either way."""
+    base_path = run_manifest["settings"]["base_path"]
+    if "unsloth" in sys.modules:
+        return run_in_subprocess(layout, base_path, merge_dtype, formats)
+    return export(layout, base_path, merge_dtype, formats, repetition_penalty=_penalty(run_manifest))
+
+
+def _penalty(run_manifest: dict) -> float | None:
+    # Ollama answers with the penalty the contrast test generated with (02 --repetition-penalty).
+    return (run_manifest.get("generation") or {}).get("repetition_penalty")
+
+
 def run_in_subprocess(layout: OutputLayout, base_path: str, merge_dtype: str, formats: list[str]) -> dict:
     result_file = layout.root / ".export_result.json"
     result_file.unlink(missing_ok=True)
@@ -72,9 +87,7 @@ def main(argv=None) -> None:
     layout = OutputLayout.at(args.output_dir)
     run_manifest = manifest.read(layout)
     configure_from_manifest(run_manifest)  # the Modelfile's SYSTEM line is the run's system prompt
-    # Ollama answers with the penalty the contrast test generated with (02 --repetition-penalty).
-    penalty = (run_manifest.get("generation") or {}).get("repetition_penalty")
-    record = export(layout, args.base_path, args.merge_dtype, formats, repetition_penalty=penalty)
+    record = export(layout, args.base_path, args.merge_dtype, formats, repetition_penalty=_penalty(run_manifest))
     atomic.write_json(args.result, record)
 
 

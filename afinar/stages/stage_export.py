@@ -21,7 +21,7 @@ from afinar.evaluate.generation import chat, DEFAULT_BATCH_SIZE, DEFAULT_REPETIT
 from afinar.evaluate.perplexity import perplexity
 from afinar.evaluate.questions import load_questions
 from afinar.evaluate.report import write_reports
-from afinar.export.export_worker import run_in_subprocess
+from afinar.export.export_worker import run_export
 from afinar.export.hub import check_push_access, get_token, push
 from afinar.export.model_card import write_model_card
 from afinar.train import modeling
@@ -139,9 +139,8 @@ def run(args) -> dict[str, Any]:
         del model  # 8. the GPU is the export process's now
         free_gpu_memory()
         export_record = _export_record(layout, contrast)
-        if not args.no_merge:  # 9. merged_16bit/ and gguf/, checked, in a process of their own
-            export_record.update(run_in_subprocess(layout, run_manifest["settings"]["base_path"], args.merge_dtype,
-                                                   _gguf_formats(args.gguf)))
+        if not args.no_merge:  # 9. merged_16bit/ and gguf/, checked (after Unsloth, in a process of their own)
+            export_record.update(run_export(layout, run_manifest, args.merge_dtype, _gguf_formats(args.gguf)))
         _write_cards(layout, run_manifest, args.repo_id)  # 10. model cards, then run.json
         export_record["seconds"] = round(time.perf_counter() - started, 1)
         manifest.record_stage(layout, run_manifest, "export", **export_record)
