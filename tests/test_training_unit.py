@@ -190,3 +190,56 @@ def test_after_passes_merge_the_adapter_only_in_fp32(embedded_path, dtype_name, 
     tolerance = {"rtol": 1e-4, "atol": 1e-4} if merged else {"rtol": 0, "atol": 0}
     torch.testing.assert_close(after, apart, **tolerance)
     torch.testing.assert_close(inside, apart, **tolerance)
+
+
+def test_orpo_rows_score_each_answer_as_if_alone(peft_model):
+    """ORPO (03 --preference orpo): the rejected answer rides in the chosen example's row, sharing its prompt.
+    The chosen answers train exactly as without it, and the odds-ratio term equals the one computed from each
+    answer scored alone."""
+    import torch
+    import torch.nn.functional as F
+
+    from afinar.core.prompts import tokenize_example
+    from afinar.evaluate.logprobs import right_padded, sequence_logps
+    from afinar.train.packing import Collator
+    from afinar.train.training import build_dataset, response_only_loss, use_shared_prefix_mask
+
+    model, tokenizer = peft_model
+    entries = [
+        {"instruction": "¿De dónde sale el oxígeno de la fotosíntesis?", "output": "Del agua, en la fotólisis.",
+         "rejected": "Del dióxido de carbono que absorbe la hoja."},
+        {"instruction": "¿Qué es el estroma?", "output": "Es el líquido que rodea los tilacoides del cloroplasto."},
+        {"instruction": "¿Respiran las plantas?", "output": "Sí, de día y de noche, en sus mitocondrias.",
+         "rejected": "No, las plantas solo hacen la fotosíntesis."},
+        {"instruction": "¿Dónde ocurre el ciclo de Calvin?", "output": "En el estroma, mientras hay luz."},
+    ]
+    model.config.use_cache = False
+
+    def loss_of(rejected: bool, beta: float):
+        dataset, prefix = build_dataset(entries, tokenizer, 256, packing=True, open_rows=1, share_prefix=True,
+                                        rejected=rejected)
+        batch = Collator(tokenizer.pad_token_id)(list(dataset))
+        batch.pop("row_lengths"), batch.pop("real_tokens")
+        use_shared_prefix_mask(model, batch, len(prefix))
+        pair_ids = batch.pop("pair_ids", None)
+        with torch.no_grad():
+            return response_only_loss(model, batch, pair_ids=pair_ids, orpo_beta=beta), pair_ids
+
+    plain, _ = loss_of(False, 0.0)
+    sft_only, pair_ids = loss_of(True, 0.0)
+    orpo, _ = loss_of(True, 0.5)
+    assert pair_ids is not None and int(pair_ids.max()) >= 1 and int(pair_ids.min()) <= -1
+    assert torch.allclose(sft_only, plain, rtol=1e-5)  # the rejected branches change nothing for the chosen
+
+    with torch.no_grad():
+        def mean_logps(outputs):
+            rows = [tokenize_example(tokenizer, {**e, "output": o}, 256) for e, o in outputs]
+            summed, counts = sequence_logps(model, right_padded(rows, tokenizer.pad_token_id))
+            return summed / counts
+
+        with_rejected = [e for e in entries if "rejected" in e]
+        chosen = mean_logps([(e, e["output"]) for e in with_rejected])
+        wrong = mean_logps([(e, e["rejected"]) for e in with_rejected])
+    odds = lambda m: m - torch.log(-torch.expm1(m))  # noqa: E731
+    expected = plain + 0.5 * (-F.logsigmoid(odds(chosen) - odds(wrong))).mean()
+    assert torch.allclose(orpo, expected, rtol=1e-4)

@@ -34,30 +34,66 @@ def pack_in_order(rows: list[dict], max_seq_length: int, open_rows: int = 1,
     does not start with them (its prompt was cut to fit) gets a row of its own.
     """
     size = len(shared_prefix)
+    paired = bool(size) and any(row.get("rejected_ids") for row in rows)
     packed: list[dict] = []
     open_: list[tuple[dict, bool]] = []  # (row, whether later examples may join it)
     for row in rows:
         n = len(row["input_ids"])
         shares = bool(size) and _starts_with(row, shared_prefix)
         joins = shares or not size  # without the prefix, an example neither joins nor is joined
-        cost = n - size if shares else n
+        rejected = list(row.get("rejected_ids") or []) if shares and paired else []
+        cost = (n - size if shares else n) + (1 + len(rejected) if rejected else 0)
         target = next((r for r, open_to_others in open_ if joins and open_to_others
                        and len(r["input_ids"]) + cost <= max_seq_length), None)
         if target is None:
             target = {"input_ids": [], "labels": [], "position_ids": []}
             if size:
                 target.update(segment_ids=[], example_tokens=0)
+            if paired:
+                target.update(branch_ids=[], pair_ids=[], pairs=0)
             open_.append((target, joins))
             if len(open_) > open_rows:
                 packed.append(open_.pop(0)[0])
         skip = size if shares and target["input_ids"] else 0
         if size:
-            target["segment_ids"] += [target["segment_ids"][-1] + 1 if skip else 0] * (n - skip)
-            target["example_tokens"] += n
+            segment = target["segment_ids"][-1] + 1 if skip else 0
+            target["segment_ids"] += [segment] * (n - skip + (1 + len(rejected) if rejected else 0))
+            target["example_tokens"] += n + len(rejected)
         target["input_ids"] += row["input_ids"][skip:]
         target["labels"] += row["labels"][skip:]
         target["position_ids"] += list(range(skip, n))
+        if paired:
+            _add_rejected_branch(target, row, skip, rejected)
     return packed + [r for r, _ in open_]
+
+
+def _add_rejected_branch(target: dict, row: dict, skip: int, rejected: list[int]) -> None:
+    """ORPO's rejected answer, as a branch of its example that shares the prompt (afinar.train.training).
+
+    The chosen example already sits in the row: its prompt but the last token is the trunk (branch 0), and the
+    last prompt token plus the chosen answer are branch 1. Branch 2 repeats that last prompt token (same
+    position) and then the rejected answer, so every rejected token is predicted from the row index before it,
+    as in the plain shift of the loss, and sees the prompt, never the chosen answer. pair_ids: +k on the tokens
+    whose next token is chosen answer, -k on those whose next token is rejected answer, 0 elsewhere.
+    """
+    n = len(row["input_ids"])
+    start = len(target["input_ids"]) - (n - skip)  # where this example begins in the row
+    if not rejected:
+        target["branch_ids"] += [0] * (n - skip)
+        target["pair_ids"] += [0] * (n - skip)
+        return
+    prompt = next(t for t, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
+    target["pairs"] += 1
+    k = target["pairs"]
+    target["branch_ids"] += [0] * (prompt - 1 - skip) + [1] * (n - prompt + 1)
+    # The token at t predicts t + 1: the last prompt token and each answer token but the last (EOS).
+    target["pair_ids"] += [0] * (prompt - 1 - skip) + [k] * (n - prompt) + [0]
+    target["input_ids"] += [row["input_ids"][prompt - 1]] + rejected
+    target["labels"] += [IGNORE_INDEX] * (1 + len(rejected))
+    target["position_ids"] += list(range(prompt - 1, prompt + len(rejected)))
+    target["branch_ids"] += [2] * (1 + len(rejected))
+    target["pair_ids"] += [-k] * len(rejected) + [0]
+    assert len(target["input_ids"]) - start == n - skip + 1 + len(rejected)
 
 
 def common_prefix(rows: list[dict], max_seq_length: int) -> list[int]:
@@ -157,4 +193,8 @@ class Collator:
             # Turned into the 4D mask by the trainer, which knows the model's attention and dtype.
             batch["segment_ids"] = torch.tensor([list(e["segment_ids"]) + [-1] * (longest - len(e["segment_ids"]))
                                                  for e in examples], dtype=torch.long)
+        if "branch_ids" in examples[0]:  # ORPO's rejected answers (_add_rejected_branch)
+            for key in ("branch_ids", "pair_ids"):
+                batch[key] = torch.tensor([list(e[key]) + [0] * (longest - len(e[key])) for e in examples],
+                                          dtype=torch.long)
         return batch

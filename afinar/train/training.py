@@ -12,7 +12,7 @@ from afinar.core import atomic, checkpoints, distributed
 from afinar.core.errors import UserError
 from afinar.core.layout import OutputLayout
 from afinar.core.models import unwrap_peft
-from afinar.core.prompts import tokenize_example
+from afinar.core.prompts import IGNORE_INDEX, tokenize_example
 from afinar.train.packing import Collator, common_prefix, pack_in_order, shared_prefix_mask
 
 
@@ -34,18 +34,30 @@ def triton_available() -> bool:
 
 
 def build_dataset(entries: list[dict], tokenizer, max_seq_length: int, packing: bool, open_rows: int = 1,
-                  share_prefix: bool = False):
-    """(the rows as a Dataset, the leading tokens each packed row holds once: empty unless share_prefix)."""
+                  share_prefix: bool = False, rejected: bool = False):
+    """(the rows as a Dataset, the leading tokens each packed row holds once: empty unless share_prefix).
+
+    rejected (ORPO, packed rows with a shared prefix only): an entry's `rejected` answer rides in its row as a
+    branch that shares the prompt (afinar.train.packing._add_rejected_branch).
+    """
     from datasets import Dataset
 
     rows = [tokenize_example(tokenizer, entry, max_seq_length) for entry in entries]
     prefix = common_prefix(rows, max_seq_length) if packing and share_prefix else []
+    if prefix and rejected:
+        for row, entry in zip(rows, entries):
+            if isinstance(entry.get("rejected"), str) and entry["rejected"].strip():
+                wrong = tokenize_example(tokenizer, {**entry, "output": entry["rejected"]}, max_seq_length)
+                start = next(t for t, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
+                if wrong["input_ids"][:start] == row["input_ids"][:start]:  # the same (untruncated) prompt
+                    row["rejected_ids"] = wrong["input_ids"][start:]
     if packing:
         rows = pack_in_order(rows, max_seq_length, open_rows, prefix)
     return Dataset.from_list(rows), prefix
 
 
-def response_only_loss(model, inputs: dict, num_items_in_batch=None, row_lengths: list[int] | None = None):
+def response_only_loss(model, inputs: dict, num_items_in_batch=None, row_lengths: list[int] | None = None,
+                       pair_ids=None, orpo_beta: float = 0.0):
     """Cross-entropy of the labelled (response) tokens, without logits for the prompt positions.
 
     Equal to the model's own loss (sum over labelled next tokens / their count, or / num_items_in_batch
@@ -53,6 +65,7 @@ def response_only_loss(model, inputs: dict, num_items_in_batch=None, row_lengths
     row_lengths (each row's real tokens, from the collator): with a frozen prefix attached (afinar.train.frozen_prefix),
     the frozen layers below the adapter run once per row instead of once per epoch.
     """
+    import torch
     import torch.nn.functional as F
 
     from afinar.train import frozen_prefix
@@ -67,20 +80,43 @@ def response_only_loss(model, inputs: dict, num_items_in_batch=None, row_lengths
         hidden = causal_lm.model(**features).last_hidden_state
     targets = inputs["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()
-    total = F.cross_entropy(logits, targets[keep], reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
-    return total / count
+    if pair_ids is None or not orpo_beta:
+        logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()
+        return F.cross_entropy(logits, targets[keep], reduction="sum") / count
+    # ORPO (Hong et al., 2024): the SFT loss plus beta * -log sigmoid(log odds(chosen) - log odds(rejected)),
+    # with each answer's mean token log-probability. The rejected answers' tokens are scored, never trained.
+    pairs = pair_ids[:, :-1]
+    scored = keep | (pairs < 0)
+    wanted = torch.where(keep, targets, inputs["input_ids"][:, 1:])
+    logits = causal_lm.lm_head(hidden[:, :-1][scored]).float()
+    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, wanted[scored].unsqueeze(-1)).squeeze(-1)
+    sft = -token_logps[keep[scored]].sum() / count
+    owner = pairs[scored]
+    marked = owner != 0
+    width = int(pairs.abs().max()) + 1
+    row = torch.arange(pairs.shape[0], device=pairs.device)[:, None].expand_as(pairs)[scored][marked]
+    slot = (row * width + owner[marked].abs()) * 2 + (owner[marked] < 0).long()  # [pair, chosen | rejected]
+    sums = torch.zeros(pairs.shape[0] * width * 2, device=logits.device).index_add(0, slot, token_logps[marked])
+    sizes = torch.zeros_like(sums).index_add(0, slot, torch.ones_like(token_logps[marked]))
+    present = sizes.view(-1, 2).min(dim=1).values > 0
+    mean = (sums / sizes.clamp(min=1)).view(-1, 2)[present]
+    # log odds = log p - log(1 - p), with log(1 - p) = log(-expm1(log p)); mean log p < 0 always
+    log_odds = mean - torch.log(-torch.expm1(mean.clamp(max=-1e-6)))
+    ratio = -F.logsigmoid(log_odds[:, 0] - log_odds[:, 1]).mean() if len(mean) else sft * 0
+    return sft + orpo_beta * ratio
 
 
 def use_shared_prefix_mask(model, inputs: dict, shared_prefix: int) -> None:
     """Rows packed with a shared prefix (afinar.train.packing): the collator's segment_ids become the 4D mask,
     built for the model's attention (boolean for sdpa, additive for eager) and dtype. No-op for other rows."""
     segment_ids = inputs.pop("segment_ids", None)
+    branch_ids = inputs.pop("branch_ids", None)
     if segment_ids is not None:
         causal_lm = unwrap_peft(model)
         inputs["attention_mask"] = shared_prefix_mask(segment_ids, shared_prefix,
-                                                      causal_lm.config._attn_implementation, causal_lm.dtype)
+                                                      causal_lm.config._attn_implementation, causal_lm.dtype,
+                                                      branch_ids=branch_ids)
 
 
 LOSS_IMPLS = ("auto", "response_only")
@@ -106,6 +142,7 @@ def _make_trainer_class(loss_impl: str = "auto"):
         shared_prefix = 0  # afinar.train.packing: the leading tokens each packed row holds once
         kernel_fallback = None  # afinar.train.engine.kernel_fallback, until the first step has run
         loraplus_lr_ratio = 1.0  # LoRA+: lora_B's learning rate over lora_A's (1 = plain LoRA)
+        orpo_beta = 0.0  # ORPO's weight on the odds ratio of chosen over rejected answers (0 = plain SFT)
         # On a GPU, checking each loss on the host would stall the queue once per step: the check is
         # accumulated on the device and read when the step is logged or saved (never after a bad save).
         first_bad_step = None
@@ -113,18 +150,20 @@ def _make_trainer_class(loss_impl: str = "auto"):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             tokens = int(inputs.pop("real_tokens"))
             row_lengths = inputs.pop("row_lengths", None)
+            pair_ids = inputs.pop("pair_ids", None)
             use_shared_prefix_mask(model, inputs, self.shared_prefix)
             if not model.training:
                 # The periodic evaluation: the same response-only loss, and no training-token count.
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             self.real_tokens += tokens
-            if use_fused_head:
+            if use_fused_head and not (pair_ids is not None and self.orpo_beta):  # TRL's head has no ORPO term
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             elif model is self.model and not return_outputs:
                 # TRL 1.15 always routes through a Triton-only fused LM head, which crashes on CPU
                 # ('NoneType' object has no attribute 'apply'). We compute the same token-mean
                 # cross-entropy ourselves, projecting only the response positions through the LM head.
-                result = response_only_loss(model, inputs, num_items_in_batch, row_lengths)
+                result = response_only_loss(model, inputs, num_items_in_batch, row_lengths, pair_ids,
+                                            self.orpo_beta)
             else:
                 # Wrapped (DDP) models must run their own forward so gradient hooks fire.
                 result = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
@@ -319,8 +358,9 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
 
     # The shared prefix needs a 4D mask, which sdpa and eager attention take; the GPU engines pack their own way.
     share_prefix = share_prefix and unwrap_peft(model).config._attn_implementation in ("sdpa", "eager")
+    orpo_beta = float(settings.get("orpo_beta") or 0.0)
     dataset, shared = build_dataset(train_entries, tokenizer, settings["max_seq_length"], packing, open_rows,
-                                    share_prefix)
+                                    share_prefix, rejected=orpo_beta > 0)
     max_steps = settings.get("max_steps") or -1
     eval_steps = settings.get("eval_steps")
     # Unpacked, one row per entry: the loss of each held-out answer, as 04's perplexity scores it.
@@ -379,6 +419,7 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
     trainer.shared_prefix = len(shared)
     trainer.kernel_fallback = kernel_fallback
     trainer.loraplus_lr_ratio = float(settings.get("loraplus_lr_ratio") or 1.0)
+    trainer.orpo_beta = orpo_beta
 
     resume_from = None
     if resume:
