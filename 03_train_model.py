@@ -48,10 +48,12 @@ def parse_args(argv=None):
                    help=settings.help_text("engine", "motor de entrenamiento"))
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
                    help=settings.help_text("fp8", "multiplicar la base congelada en FP8 (e4m3)"))
-    pref = p.add_argument_group("preferencias (DPO tras el SFT, con las entradas que traen 'rejected')")
-    pref.add_argument("--preference", choices=["auto", "dpo", "none"], default=None,
+    pref = p.add_argument_group("preferencias (DPO tras el SFT u ORPO dentro de él, con las entradas que traen "
+                                "'rejected')")
+    pref.add_argument("--preference", choices=["auto", "dpo", "orpo", "none"], default=None,
                       help=settings.help_text("preference", "entrenamiento de preferencias"))
     pref.add_argument("--dpo-beta", type=float, default=None, help=settings.help_text("dpo_beta", "beta de DPO"))
+    pref.add_argument("--orpo-beta", type=float, default=None, help=settings.help_text("orpo_beta", "beta de ORPO"))
     pref.add_argument("--preference-epochs", type=float, default=None,
                       help=settings.help_text("preference_epochs", "épocas de preferencias"))
     pref.add_argument("--preference-learning-rate", type=float, default=None,

@@ -178,6 +178,33 @@ def test_preference_training_makes_the_correct_answer_win(small_model):
     assert moved and all("lora_" in n for n in moved)
 
 
+@pytest.mark.slow
+def test_orpo_option_trains_the_preference_inside_the_sft(tmp_path):
+    """03 --preference orpo: the entries' rejected answers ride in the SFT rows (no phase after it); run.json, the
+    log and the contrast report's note say so."""
+    from afinar.evaluate.report import method_note
+
+    entries = json.loads((ROOT / "tu_dataset.json").read_text(encoding="utf-8"))
+    pairs = sorted((e for e in entries if "rejected" in e), key=lambda e: len(e["output"] + e["rejected"]))[:8]
+    dataset = tmp_path / "datos.json"
+    dataset.write_text(json.dumps([e for e in entries if "rejected" not in e][:8] + pairs, ensure_ascii=False),
+                       encoding="utf-8")
+    questions = tmp_path / "preguntas.json"
+    questions.write_text(json.dumps([{"pregunta": "¿Respiran las plantas?"}], ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "salida"
+    run_script("02_load_model.py", "--output-dir", str(out), "--questions", str(questions), "--max-new-tokens", "4",
+               "--max-seq-length", "160")
+    trained = run_script("03_train_model.py", "--output-dir", str(out), "--dataset", str(dataset), "--max-steps", "2",
+                         "--preference", "orpo", "--orpo-beta", "2", "--eval-fraction", "0.1")
+    manifest = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert manifest["settings"]["preference"] == "orpo" and manifest["settings"]["orpo_beta"] == 2.0
+    preference = manifest["stages"]["train"]["metrics"]["preference"]
+    assert preference["mode"] == "orpo" and preference["beta"] == 2.0 and preference["pairs"] >= 6
+    assert "ORPO dentro del SFT, beta 2.0" in trained.stdout
+    assert "preference_step=" not in trained.stdout  # no DPO phase after the SFT
+    assert "SFT con ORPO dentro de él (beta 2.0)" in method_note({"preference": preference})
+
+
 # ------------------------------------------------------------------------------------------ data field
 
 

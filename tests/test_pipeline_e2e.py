@@ -117,6 +117,8 @@ def test_contrast_outputs(pipeline):
     assert isinstance(contrast["verdict"]["ready"], bool) and contrast["verdict"]["reasons"]
     assert contrast["probe"]["pairs"] == 2  # the probe file 02 was given, scored by 04 before and after
     assert "<table" in (out / "contraste" / "informe.html").read_text(encoding="utf-8")
+    # The report says how 03 trained the preference (here DPO after the SFT, as 03 was asked).
+    assert "SFT y después DPO" in (out / "contraste" / "informe.md").read_text(encoding="utf-8")
 
 
 def test_merged_model_matches_base_plus_adapter(pipeline, embedded_path):

@@ -51,9 +51,13 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
             "más rápido, si la pérdida de tus ejemplos cambia menos de un 1 por ciento"),
     "preference": ("auto", "none", "auto: DPO tras el SFT con las entradas que traen 'rejected', para que el dato "
                    "correcto gane al error típico y no solo sea probable; 'none' lo omite. En CPU no se usa por "
-                   "defecto: con el modelo de 135M empeoró la perplejidad apartada (× 0,333 → × 0,435) sin mejorar "
-                   "la sonda de errores, y costaba ~9 minutos (BENCHMARKS.md); 'dpo' lo pide"),
+                   "defecto: con el modelo de 135M y 2 épocas de SFT sube la sonda de errores de 22 a 27 de 35, pero "
+                   "en AVX2 cuesta casi una hora (BENCHMARKS.md); 'dpo' lo pide. 'orpo' (solo en CPU) entrena la "
+                   "preferencia dentro del mismo SFT: un 13 por ciento más de tokens y ninguna fase aparte"),
     "dpo_beta": (0.1, 0.1, "cuánto puede alejarse el modelo del que salió del SFT; 0,1 es lo habitual"),
+    "orpo_beta": (1.0, 1.0, "con --preference orpo, el peso de la razón de probabilidades frente al SFT: con 1, la sonda "
+                  "de errores pasó de 22 a 25-27 de 35 y la perplejidad apartada de × 0,314 a × 0,355 (con --epochs "
+                  "1.5, × 0,310); con 3, 28 de 35 y × 0,42 (BENCHMARKS.md)"),
     "preference_epochs": (2.0, 2.0, "más pasadas por los pares (correcta, error) afianzan la preferencia y cuestan "
                           "como pasos de SFT (BENCHMARKS.md)"),
     "preference_learning_rate": (5e-5, 5e-4, "más baja que la del SFT: DPO mueve la diferencia entre dos respuestas "
@@ -67,7 +71,8 @@ DEFAULTS: dict[str, tuple[Any, Any, str]] = {
 LOAD_KEYS = ("model", "base_path", "backend", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "lora_layers")
 TRAIN_KEYS = ("max_seq_length", "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum", "seed",
               "warmup_ratio", "save_steps", "save_minutes", "logging_steps", "eval_steps", "packing", "engine", "fp8",
-              "preference", "dpo_beta", "preference_epochs", "preference_learning_rate", "loraplus_lr_ratio")
+              "preference", "dpo_beta", "preference_epochs", "preference_learning_rate", "loraplus_lr_ratio",
+              "orpo_beta")
 
 
 def default(name: str, device_kind: str) -> Any:

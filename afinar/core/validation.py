@@ -84,8 +84,9 @@ RULES: dict[str, Rule] = {
     "engine": Rule("choice", choices=("auto", "unsloth", "compiled", "eager"), nullable=True),
     "fp8": Rule("bool", nullable=True),
     # preference training after SFT (afinar.train.preference); null in a run.json from before they existed
-    "preference": Rule("choice", choices=("auto", "dpo", "none"), nullable=True),
+    "preference": Rule("choice", choices=("auto", "dpo", "orpo", "none"), nullable=True),
     "dpo_beta": Rule("number", low=0, low_open=True, high=100, nullable=True),
+    "orpo_beta": Rule("number", low=0, low_open=True, high=100, nullable=True),
     "preference_epochs": Rule("number", low=0, low_open=True, high=100_000, nullable=True),
     "preference_learning_rate": Rule("number", low=0, low_open=True, high=1, nullable=True),
     "hub_ratio": Rule("number", low=0, high=1, high_open=True),

@@ -147,7 +147,20 @@ def method_note(contrast: dict[str, Any]) -> str:
     generation = contrast.get("generation")
     if generation:
         note = note.rstrip("\n") + " " + generation_note(generation) + "\n"
+    if contrast.get("preference"):
+        note = note.rstrip("\n") + " " + preference_note(contrast["preference"]) + "\n"
     return note
+
+
+def preference_note(preference: dict[str, Any]) -> str:
+    """How stage 03 trained the preference of the corrected facts over the errors (its run.json record)."""
+    pairs = preference.get("pairs") or 0
+    if preference.get("mode") == "orpo":
+        return (f"Entrenamiento: SFT con ORPO dentro de él (beta {preference.get('beta')}), con {pairs} pares "
+                f"(respuesta correcta, error típico) de los datos.")
+    if preference.get("mode") == "dpo":
+        return f"Entrenamiento: SFT y después DPO con {pairs} pares (respuesta correcta, error típico) de los datos."
+    return "Entrenamiento: solo SFT, sin entrenamiento de preferencias (03 --preference)."
 
 
 def generation_note(generation: dict[str, Any]) -> str:

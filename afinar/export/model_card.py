@@ -43,6 +43,7 @@ _SETTINGS_ROWS = (
     ("target_modules", "Módulos adaptados"),
     ("learning_rate", "Tasa de aprendizaje"),
     ("loraplus_lr_ratio", "LoRA+: tasa de lora_B sobre la de lora_A"),
+    ("preference", "Preferencias (dpo, orpo o none)"),
     ("epochs", "Épocas"),
     ("max_steps", "Pasos máximos (max_steps)"),
     ("max_seq_length", "Longitud máxima de secuencia"),

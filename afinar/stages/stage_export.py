@@ -95,6 +95,9 @@ def run_contrast(args, layout: OutputLayout, run_manifest: dict, model, tokenize
     before = _read_jsonl(layout.answers_before)
     contrast = build_contrast(questions, before, after, ppl_before, ppl_after, probe=probe_result)
     contrast["perplexity_source"] = source
+    trained = ((run_manifest.get("stages") or {}).get("train") or {}).get("metrics") or {}
+    if trained.get("preference"):
+        contrast["preference"] = trained["preference"]
     contrast["generation"] = {"do_sample": False, "max_new_tokens": max_new_tokens,
                               "repetition_penalty": repetition_penalty}
     write_reports(layout, contrast)

@@ -146,13 +146,17 @@ def _train(args, model, tokenizer, prepared: PreparedData, layout: OutputLayout,
            precision: str, device: DeviceInfo, prefix) -> dict[str, Any]:
     """SFT, then preferences; refused if the adapter came out non-finite or unchanged."""
     before = _lora_snapshot(model)
-    metrics = train(model, tokenizer, prepared.train, layout=layout, settings=resolved, precision=precision,
+    orpo_beta = _orpo_beta(resolved, prepared.train, plan, device.kind)
+    metrics = train(model, tokenizer, prepared.train, layout=layout, settings={**resolved, "orpo_beta": orpo_beta},
+                    precision=precision,
                     resume=args.resume, packing=resolved["packing"],
                     fixed_length=plan.compile_layers, open_rows=plan.open_rows, share_prefix=plan.share_prefix,
                     gradient_checkpointing=plan.trainer_checkpointing, eval_entries=prepared.eval,
                     kernel_fallback=engine.kernel_fallback(model, plan))
     metrics["engine"] = plan.as_dict()
-    metrics["preference"] = _preference_phase(model, tokenizer, prepared.train, resolved, device.kind, precision)
+    metrics["preference"] = (
+        {"mode": "orpo", "pairs": len(preference.triples(prepared.train)), "beta": orpo_beta} if orpo_beta
+        else _preference_phase(model, tokenizer, prepared.train, resolved, device.kind, precision))
     if prefix is not None:
         metrics["frozen_prefix"] = prefix.summary()
         frozen_prefix.detach(model)
@@ -251,6 +255,26 @@ def _refuse_unsloth_across_processes(backend: str) -> None:
 def probe_rows(entries: list[dict], tokenizer, max_seq_length: int, count: int = 8) -> list[dict]:
     """The first few training examples, tokenized: the rows the FP8 check compares losses on."""
     return [tokenize_example(tokenizer, entry, max_seq_length) for entry in entries[:count]]
+
+
+def _orpo_beta(resolved: dict[str, Any], train_entries: list[dict], plan: engine.Plan, device_kind: str) -> float:
+    """ORPO's beta for the SFT (afinar.train.training.response_only_loss) with --preference orpo; 0 otherwise."""
+    if resolved.get("preference") != "orpo":
+        return 0.0
+    found = preference.triples(train_entries)
+    if not found:
+        raise UserError("--preference orpo: ninguna entrada de entrenamiento trae el campo 'rejected' (la respuesta "
+                        "equivocada que debe perder). Añádelo a tus datos o usa --preference none.")
+    if not plan.share_prefix:
+        # The rejected answer rides in its example's row as a branch of the shared prompt (a 4D mask): only the
+        # CPU plan packs that way. The GPU engines (Unsloth, compiled flex attention) pack their own way.
+        raise UserError("--preference orpo solo está disponible en CPU, donde las filas comparten el prompt. En GPU "
+                        "usa --preference dpo.")
+    if resolved.get("orpo_beta") is None:  # a run.json from before the setting existed
+        resolved["orpo_beta"] = settings.default("orpo_beta", device_kind)
+    print(f"Preferencias (ORPO dentro del SFT, beta {resolved['orpo_beta']}): {len(found)} pares (correcta, error); "
+          f"cada respuesta equivocada va en la fila de su ejemplo.", flush=True)
+    return float(resolved["orpo_beta"])
 
 
 def _preference_phase(model, tokenizer, train_entries: list[dict], resolved: dict[str, Any], device_kind: str,

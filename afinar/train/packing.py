@@ -42,6 +42,8 @@ def pack_in_order(rows: list[dict], max_seq_length: int, open_rows: int = 1,
         shares = bool(size) and _starts_with(row, shared_prefix)
         joins = shares or not size  # without the prefix, an example neither joins nor is joined
         rejected = list(row.get("rejected_ids") or []) if shares and paired else []
+        if n + 1 + len(rejected) > max_seq_length:  # no row could hold both answers: this one trains as plain SFT
+            rejected = []
         cost = (n - size if shares else n) + (1 + len(rejected) if rejected else 0)
         target = next((r for r, open_to_others in open_ if joins and open_to_others
                        and len(r["input_ids"]) + cost <= max_seq_length), None)
