@@ -300,3 +300,16 @@ def test_the_setup_summary_names_xformers_and_why_it_is_not_needed():
         assert "no hace falta" in doctor.xformers_status("cuda") and "motor compilado" in doctor.xformers_status("cuda")
     out = subprocess.run([sys.executable, "-m", "afinar.core.doctor"], capture_output=True, text=True)
     assert "xformers:" in out.stdout
+
+
+@pytest.mark.parametrize("device", [T4, H200])
+def test_orpo_is_refused_on_gpu_before_the_data_work(device):
+    """--preference orpo needs the CPU plan's rows that share the prompt: a GPU run stops at step 3 of stage 03,
+    in Spanish, and points to DPO; the CPU plan lets it through."""
+    from afinar.stages.stage_train import _check_engine
+
+    with pytest.raises(UserError, match="--preference orpo solo está disponible en CPU.*--preference dpo"):
+        _check_engine(gpu_settings(preference="orpo"), device)
+    _check_engine(gpu_settings(preference="dpo"), device)
+    _check_engine({"backend": "hf", "max_seq_length": 640, "batch_size": 1, "packing": True, "preference": "orpo"},
+                  CPU)

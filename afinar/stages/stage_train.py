@@ -64,6 +64,11 @@ def _check_engine(resolved: dict, device: DeviceInfo) -> None:
     # Re-planned in step 6 with the data's size; this first plan only refuses what can never run.
     plan = engine.plan(resolved, device, resolved.get("engine") or "auto")
     _refuse_unsloth_across_processes(plan.backend)
+    if resolved.get("preference") == "orpo" and not plan.share_prefix:
+        # The rejected answer rides in its example's row as a branch of the shared prompt (a 4D mask): only the
+        # CPU plan packs that way. The GPU engines (Unsloth, compiled flex attention) pack their own way.
+        raise UserError("--preference orpo solo está disponible en CPU, donde las filas comparten el prompt. En GPU "
+                        "usa --preference dpo.")
 
 
 @contextmanager
@@ -146,7 +151,7 @@ def _train(args, model, tokenizer, prepared: PreparedData, layout: OutputLayout,
            precision: str, device: DeviceInfo, prefix) -> dict[str, Any]:
     """SFT, then preferences; refused if the adapter came out non-finite or unchanged."""
     before = _lora_snapshot(model)
-    orpo_beta = _orpo_beta(resolved, prepared.train, plan, device.kind)
+    orpo_beta = _orpo_beta(resolved, prepared.train, device.kind)
     metrics = train(model, tokenizer, prepared.train, layout=layout, settings={**resolved, "orpo_beta": orpo_beta},
                     precision=precision,
                     resume=args.resume, packing=resolved["packing"],
@@ -257,7 +262,7 @@ def probe_rows(entries: list[dict], tokenizer, max_seq_length: int, count: int =
     return [tokenize_example(tokenizer, entry, max_seq_length) for entry in entries[:count]]
 
 
-def _orpo_beta(resolved: dict[str, Any], train_entries: list[dict], plan: engine.Plan, device_kind: str) -> float:
+def _orpo_beta(resolved: dict[str, Any], train_entries: list[dict], device_kind: str) -> float:
     """ORPO's beta for the SFT (afinar.train.training.response_only_loss) with --preference orpo; 0 otherwise."""
     if resolved.get("preference") != "orpo":
         return 0.0
@@ -265,11 +270,6 @@ def _orpo_beta(resolved: dict[str, Any], train_entries: list[dict], plan: engine
     if not found:
         raise UserError("--preference orpo: ninguna entrada de entrenamiento trae el campo 'rejected' (la respuesta "
                         "equivocada que debe perder). Añádelo a tus datos o usa --preference none.")
-    if not plan.share_prefix:
-        # The rejected answer rides in its example's row as a branch of the shared prompt (a 4D mask): only the
-        # CPU plan packs that way. The GPU engines (Unsloth, compiled flex attention) pack their own way.
-        raise UserError("--preference orpo solo está disponible en CPU, donde las filas comparten el prompt. En GPU "
-                        "usa --preference dpo.")
     if resolved.get("orpo_beta") is None:  # a run.json from before the setting existed
         resolved["orpo_beta"] = settings.default("orpo_beta", device_kind)
     print(f"Preferencias (ORPO dentro del SFT, beta {resolved['orpo_beta']}): {len(found)} pares (correcta, error); "

@@ -359,6 +359,9 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
     # The shared prefix needs a 4D mask, which sdpa and eager attention take; the GPU engines pack their own way.
     share_prefix = share_prefix and unwrap_peft(model).config._attn_implementation in ("sdpa", "eager")
     orpo_beta = float(settings.get("orpo_beta") or 0.0)
+    if orpo_beta and not (packing and share_prefix):
+        raise UserError("--preference orpo necesita filas empaquetadas que compartan el prompt (el plan de CPU, con "
+                        "atención sdpa o eager); con este motor usa --preference dpo.")
     dataset, shared = build_dataset(train_entries, tokenizer, settings["max_seq_length"], packing, open_rows,
                                     share_prefix, rejected=orpo_beta > 0)
     max_steps = settings.get("max_steps") or -1
