@@ -162,8 +162,12 @@ def _make_trainer_class(loss_impl: str = "auto"):
                 # TRL 1.15 always routes through a Triton-only fused LM head, which crashes on CPU
                 # ('NoneType' object has no attribute 'apply'). We compute the same token-mean
                 # cross-entropy ourselves, projecting only the response positions through the LM head.
-                result = response_only_loss(model, inputs, num_items_in_batch, row_lengths, pair_ids,
-                                            self.orpo_beta)
+                beta = self.orpo_beta
+                if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+                    # The Trainer then adds up the micro-batches' losses without dividing them: the SFT part is
+                    # already over the whole step's tokens, ORPO's mean over pairs is per micro-batch.
+                    beta /= getattr(self, "current_gradient_accumulation_steps", 1) or 1
+                result = response_only_loss(model, inputs, num_items_in_batch, row_lengths, pair_ids, beta)
             else:
                 # Wrapped (DDP) models must run their own forward so gradient hooks fire.
                 result = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
