@@ -88,6 +88,22 @@ def test_unsloth_backend_is_refused_under_several_processes(monkeypatch):
     _refuse_unsloth_across_processes("unsloth")
 
 
+def test_orpo_is_refused_under_several_processes(monkeypatch):
+    """Under DDP the wrapped model runs the Trainer's own loss, without ORPO's term: 03 stops at step 3."""
+    from afinar.core.environment import DeviceInfo
+    from afinar.core.errors import UserError
+    from afinar.stages.stage_train import _check_engine
+
+    cpu = DeviceInfo(kind="cpu", name="x86", bf16=False, memory_gib=None, capability=None, colab=False)
+    settings = {"backend": "hf", "max_seq_length": 640, "batch_size": 1, "packing": True, "preference": "orpo"}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="--preference orpo funciona con un solo proceso"):
+        _check_engine(settings, cpu)
+    _check_engine({**settings, "preference": "dpo"}, cpu)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    _check_engine(settings, cpu)
+
+
 # ----------------------------------------------------------------------------------------- real training
 
 

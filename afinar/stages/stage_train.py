@@ -69,6 +69,9 @@ def _check_engine(resolved: dict, device: DeviceInfo) -> None:
         # CPU plan packs that way. The GPU engines (Unsloth, compiled flex attention) pack their own way.
         raise UserError("--preference orpo solo está disponible en CPU, donde las filas comparten el prompt. En GPU "
                         "usa --preference dpo.")
+    if resolved.get("preference") == "orpo" and distributed.is_distributed():
+        # Under DDP the wrapped model runs the Trainer's own loss (AfinarTrainer.compute_loss), with no ORPO term.
+        raise UserError("--preference orpo funciona con un solo proceso; con varios (torchrun) usa --preference dpo.")
 
 
 @contextmanager

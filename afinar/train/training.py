@@ -366,9 +366,6 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
     if orpo_beta and not (packing and share_prefix):
         raise UserError("--preference orpo necesita filas empaquetadas que compartan el prompt (el plan de CPU, con "
                         "atención sdpa o eager); con este motor usa --preference dpo.")
-    if orpo_beta and distributed.world_size() > 1:
-        # Under DDP the wrapped model runs the Trainer's own loss (compute_loss), which has no ORPO term.
-        raise UserError("--preference orpo funciona con un solo proceso; con varios (torchrun) usa --preference dpo.")
     dataset, shared = build_dataset(train_entries, tokenizer, settings["max_seq_length"], packing, open_rows,
                                     share_prefix, rejected=orpo_beta > 0)
     max_steps = settings.get("max_steps") or -1
