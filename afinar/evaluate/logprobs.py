@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from afinar.core.models import model_device, unwrap_peft
 from afinar.core.prompts import IGNORE_INDEX
 from afinar.train import frozen_prefix
+from afinar.train.packing import first_label, shared_prefix_mask
 
 
 def right_padded(rows: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
@@ -71,8 +72,6 @@ def packed_logps(model, rows: Sequence[dict[str, list[int]]], groups: Sequence[S
     """
     import torch
 
-    from afinar.train.packing import shared_prefix_mask
-
     causal_lm = unwrap_peft(model)
     device = model_device(causal_lm)
     members = [list(g) for g in groups] if groups else []
@@ -111,14 +110,10 @@ def _common_head(rows: Sequence[dict[str, list[int]]]) -> int:
     if len(rows) < 2:
         return 0
     first = rows[0]["input_ids"]
-    length = min(_first_label(r) for r in rows)
+    length = min(first_label(r) for r in rows)
     while length and not all(r["input_ids"][:length] == first[:length] for r in rows):
         length -= 1
     return length
-
-
-def _first_label(row: dict[str, list[int]]) -> int:
-    return next((t for t, label in enumerate(row["labels"]) if label != IGNORE_INDEX), len(row["labels"]))
 
 
 def _pack_groups(rows, members: list[list[int]], shared: int, max_row_tokens: int):
@@ -127,7 +122,7 @@ def _pack_groups(rows, members: list[list[int]], shared: int, max_row_tokens: in
     plans = []
     for group in members:
         seqs = [rows[i]["input_ids"] for i in group]
-        trunk = min(_first_label(rows[i]) for i in group)
+        trunk = min(first_label(rows[i]) for i in group)
         while trunk and not all(s[:trunk] == seqs[0][:trunk] for s in seqs):
             trunk -= 1
         trunk = max(trunk, shared)  # every row shares the first `shared` tokens, unlabelled
@@ -136,10 +131,10 @@ def _pack_groups(rows, members: list[list[int]], shared: int, max_row_tokens: in
     plans.sort(key=lambda plan: -plan[0])
     packed: list[dict] = []
     for cost, group, trunk in plans:
-        row = next((r for r in packed if r["length"] + cost <= max_row_tokens), None)
+        row = next((r for r in packed if len(r["input_ids"]) + cost <= max_row_tokens), None)
         if row is None:
-            row = {"length": shared, "input_ids": [], "position_ids": [], "segment_ids": [], "branch_ids": [],
-                   "sources": [], "targets": [], "owners": [], "shared": shared}
+            row = {"input_ids": [], "position_ids": [], "segment_ids": [], "branch_ids": [], "sources": [],
+                   "targets": [], "owners": []}
             packed.append(row)
             first = rows[group[0]]["input_ids"][:shared]
             row["input_ids"] += first
@@ -166,7 +161,6 @@ def _pack_groups(rows, members: list[list[int]], shared: int, max_row_tokens: in
                     row["sources"].append(index_of(t - 1))
                     row["targets"].append(labels[t])
                     row["owners"].append(i)
-        row["length"] = len(row["input_ids"])
     return packed
 
 

@@ -64,14 +64,16 @@ def _check_engine(resolved: dict, device: DeviceInfo) -> None:
     # Re-planned in step 6 with the data's size; this first plan only refuses what can never run.
     plan = engine.plan(resolved, device, resolved.get("engine") or "auto")
     _refuse_unsloth_across_processes(plan.backend)
-    if resolved.get("preference") == "orpo" and not plan.share_prefix:
-        # The rejected answer rides in its example's row as a branch of the shared prompt (a 4D mask): only the
-        # CPU plan packs that way. The GPU engines (Unsloth, compiled flex attention) pack their own way.
-        raise UserError("--preference orpo solo está disponible en CPU, donde las filas comparten el prompt. En GPU "
-                        "usa --preference dpo.")
-    if resolved.get("preference") == "orpo" and distributed.is_distributed():
-        # Under DDP the wrapped model runs the Trainer's own loss (AfinarTrainer.compute_loss), with no ORPO term.
-        raise UserError("--preference orpo funciona con un solo proceso; con varios (torchrun) usa --preference dpo.")
+    if resolved.get("preference") == "orpo":
+        if not plan.share_prefix:
+            # The rejected answer rides in its example's row as a branch of the shared prompt (a 4D mask): only the
+            # CPU plan packs that way. The GPU engines (Unsloth, compiled flex attention) pack their own way.
+            raise UserError("--preference orpo solo está disponible en CPU, donde las filas comparten el prompt. En "
+                            "GPU usa --preference dpo.")
+        if distributed.is_distributed():
+            # Under DDP the wrapped model runs the Trainer's own loss (AfinarTrainer.compute_loss), with no ORPO term.
+            raise UserError("--preference orpo funciona con un solo proceso; con varios (torchrun) usa --preference "
+                            "dpo.")
 
 
 @contextmanager

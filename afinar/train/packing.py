@@ -44,7 +44,8 @@ def pack_in_order(rows: list[dict], max_seq_length: int, open_rows: int = 1,
         rejected = list(row.get("rejected_ids") or []) if shares and paired else []
         if n + 1 + len(rejected) > max_seq_length:  # no row could hold both answers: this one trains as plain SFT
             rejected = []
-        cost = (n - size if shares else n) + (1 + len(rejected) if rejected else 0)
+        branch = 1 + len(rejected) if rejected else 0  # the rejected answer after the repeated last prompt token
+        cost = (n - size if shares else n) + branch
         target = next((r for r, open_to_others in open_ if joins and open_to_others
                        and len(r["input_ids"]) + cost <= max_seq_length), None)
         if target is None:
@@ -59,7 +60,7 @@ def pack_in_order(rows: list[dict], max_seq_length: int, open_rows: int = 1,
         skip = size if shares and target["input_ids"] else 0
         if size:
             segment = target["segment_ids"][-1] + 1 if skip else 0
-            target["segment_ids"] += [segment] * (n - skip + (1 + len(rejected) if rejected else 0))
+            target["segment_ids"] += [segment] * (n - skip + branch)
             target["example_tokens"] += n + len(rejected)
         target["input_ids"] += row["input_ids"][skip:]
         target["labels"] += row["labels"][skip:]
@@ -79,12 +80,11 @@ def _add_rejected_branch(target: dict, row: dict, skip: int, rejected: list[int]
     whose next token is chosen answer, -k on those whose next token is rejected answer, 0 elsewhere.
     """
     n = len(row["input_ids"])
-    start = len(target["input_ids"]) - (n - skip)  # where this example begins in the row
     if not rejected:
         target["branch_ids"] += [0] * (n - skip)
         target["pair_ids"] += [0] * (n - skip)
         return
-    prompt = next(t for t, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
+    prompt = first_label(row)
     target["pairs"] += 1
     k = target["pairs"]
     target["branch_ids"] += [0] * (prompt - 1 - skip) + [1] * (n - prompt + 1)
@@ -95,7 +95,11 @@ def _add_rejected_branch(target: dict, row: dict, skip: int, rejected: list[int]
     target["position_ids"] += list(range(prompt - 1, prompt + len(rejected)))
     target["branch_ids"] += [2] * (1 + len(rejected))
     target["pair_ids"] += [-k] * len(rejected) + [0]
-    assert len(target["input_ids"]) - start == n - skip + 1 + len(rejected)
+
+
+def first_label(row: dict) -> int:
+    """Where the response starts: the first labelled token (the row's length when none is)."""
+    return next((t for t, label in enumerate(row["labels"]) if label != IGNORE_INDEX), len(row["labels"]))
 
 
 def common_prefix(rows: list[dict], max_seq_length: int) -> list[int]:

@@ -12,8 +12,8 @@ from afinar.core import atomic, checkpoints, distributed
 from afinar.core.errors import UserError
 from afinar.core.layout import OutputLayout
 from afinar.core.models import unwrap_peft
-from afinar.core.prompts import IGNORE_INDEX, tokenize_example
-from afinar.train.packing import Collator, common_prefix, pack_in_order, shared_prefix_mask
+from afinar.core.prompts import tokenize_example
+from afinar.train.packing import Collator, common_prefix, first_label, pack_in_order, shared_prefix_mask
 
 
 class NonFiniteLoss(RuntimeError):
@@ -48,7 +48,7 @@ def build_dataset(entries: list[dict], tokenizer, max_seq_length: int, packing: 
         for row, entry in zip(rows, entries):
             if isinstance(entry.get("rejected"), str) and entry["rejected"].strip():
                 wrong = tokenize_example(tokenizer, {**entry, "output": entry["rejected"]}, max_seq_length)
-                start = next(t for t, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
+                start = first_label(row)
                 if wrong["input_ids"][:start] == row["input_ids"][:start]:  # the same (untruncated) prompt
                     row["rejected_ids"] = wrong["input_ids"][start:]
     if packing:
