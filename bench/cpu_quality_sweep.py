@@ -17,8 +17,7 @@ only, those with `rejected`, after the first), share (1, as 03 on CPU: the commo
 lora_A's), seed (of the adapter's initialisation and the trainer; the data split stays seed 42), orpo (ORPO's beta
 inside the SFT: the entries' `rejected` answers ride in their rows and lose by odds ratio; 0 = plain SFT), dup (each
 corrective entry, those with `rejected`, N more times in the training list: more passes over the corrected facts
-without a second phase), tc (the token contrast's weight: where an entry's `rejected` answer departs from its
-right answer, the wrong token must lose to the right one from the same context; 0 = off).
+without a second phase). The key tc (a token contrast, a loser) needs commit b46423e.
 
 --device cuda runs the same fp32 math on a GPU (TF32 off), to map quality against the token budget in seconds;
 the CPU seconds are then estimated from the real tokens and pairs each configuration trains on.
@@ -39,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 DEFAULTS = {"K": 4, "r": 16, "alpha": 32, "lr": 2e-3, "epochs": 3.0, "pe": 2.0, "plr": 5e-4, "beta": 0.1,
             "seq": 640, "short": 0, "warm": 0.05, "sw": 1.0,
-            "pbs": 8, "fe": 0.0, "share": 1, "bs": 4, "lpr": 1.0, "seed": 42, "orpo": 0.0, "dup": 0, "tc": 0.0}
+            "pbs": 8, "fe": 0.0, "share": 1, "bs": 4, "lpr": 1.0, "seed": 42, "orpo": 0.0, "dup": 0}
 
 
 def parse(spec: str) -> tuple[str, dict]:
@@ -142,8 +141,7 @@ def main() -> int:
                         "max_steps": None, "batch_size": int(c["bs"]), "grad_accum": 1, "seed": int(c["seed"]),
                         "warmup_ratio": c["warm"],
                         "save_steps": 10_000, "save_minutes": 10_000.0, "logging_steps": 10, "eval_steps": None,
-                        "loraplus_lr_ratio": c["lpr"], "orpo_beta": c["orpo"],
-                        "contrast_beta": c["tc"]}
+                        "loraplus_lr_ratio": c["lpr"], "orpo_beta": c["orpo"]}
             t0 = time.perf_counter()
             metrics = train(model, tokenizer, train_entries, layout=OutputLayout.at(Path(tmp) / f"c{number}"),
                             settings=settings, precision="fp32", packing=True, open_rows=engine.CPU_OPEN_ROWS,

@@ -35,7 +35,6 @@ def pack_in_order(rows: list[dict], max_seq_length: int, open_rows: int = 1,
     """
     size = len(shared_prefix)
     paired = bool(size) and any(row.get("rejected_ids") for row in rows)
-    contrasted = any("wrong_ids" in row for row in rows)
     packed: list[dict] = []
     open_: list[tuple[dict, bool]] = []  # (row, whether later examples may join it)
     for row in rows:
@@ -55,8 +54,6 @@ def pack_in_order(rows: list[dict], max_seq_length: int, open_rows: int = 1,
                 target.update(segment_ids=[], example_tokens=0)
             if paired:
                 target.update(branch_ids=[], pair_ids=[], pairs=0)
-            if contrasted:
-                target["wrong_ids"] = []
             open_.append((target, joins))
             if len(open_) > open_rows:
                 packed.append(open_.pop(0)[0])
@@ -68,12 +65,8 @@ def pack_in_order(rows: list[dict], max_seq_length: int, open_rows: int = 1,
         target["input_ids"] += row["input_ids"][skip:]
         target["labels"] += row["labels"][skip:]
         target["position_ids"] += list(range(skip, n))
-        if contrasted:
-            target["wrong_ids"] += list(row.get("wrong_ids") or [IGNORE_INDEX] * n)[skip:]
         if paired:
             _add_rejected_branch(target, row, skip, rejected)
-            if contrasted:  # the rejected branch is scored by ORPO, never contrasted
-                target["wrong_ids"] += [IGNORE_INDEX] * (len(target["input_ids"]) - len(target["wrong_ids"]))
     return packed + [r for r, _ in open_]
 
 
@@ -102,24 +95,6 @@ def _add_rejected_branch(target: dict, row: dict, skip: int, rejected: list[int]
     target["position_ids"] += list(range(prompt - 1, prompt + len(rejected)))
     target["branch_ids"] += [2] * (1 + len(rejected))
     target["pair_ids"] += [-k] * len(rejected) + [0]
-
-
-def divergence_targets(row: dict, wrong_answer: Sequence[int]) -> list[int]:
-    """wrong_ids for a row: at each labelled token where the wrong answer says something else, that other token.
-
-    The two answers are aligned token by token (difflib); at the first token of every stretch where they differ,
-    the right answer's token and the wrong answer's token compete for the same place, from the right answer's
-    context. IGNORE_INDEX everywhere else, so the field lines up with labels and packs like them.
-    """
-    from difflib import SequenceMatcher
-
-    start = first_label(row)
-    right = row["input_ids"][start:]
-    wrong_ids = [IGNORE_INDEX] * len(row["input_ids"])
-    for tag, i1, _, j1, _ in SequenceMatcher(None, right, list(wrong_answer), autojunk=False).get_opcodes():
-        if tag != "equal" and i1 < len(right) and j1 < len(wrong_answer) and right[i1] != wrong_answer[j1]:
-            wrong_ids[start + i1] = wrong_answer[j1]
-    return wrong_ids
 
 
 def first_label(row: dict) -> int:
@@ -224,9 +199,6 @@ class Collator:
             # Turned into the 4D mask by the trainer, which knows the model's attention and dtype.
             batch["segment_ids"] = torch.tensor([list(e["segment_ids"]) + [-1] * (longest - len(e["segment_ids"]))
                                                  for e in examples], dtype=torch.long)
-        if "wrong_ids" in examples[0]:  # the wrong answers' tokens where they depart (divergence_targets)
-            batch["wrong_ids"] = torch.tensor([list(e["wrong_ids"]) + [IGNORE_INDEX] * (longest - len(e["wrong_ids"]))
-                                               for e in examples], dtype=torch.long)
         if "branch_ids" in examples[0]:  # ORPO's rejected answers (_add_rejected_branch)
             for key in ("branch_ids", "pair_ids"):
                 batch[key] = torch.tensor([list(e[key]) + [0] * (longest - len(e[key])) for e in examples],

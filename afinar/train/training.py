@@ -12,9 +12,8 @@ from afinar.core import atomic, checkpoints, distributed
 from afinar.core.errors import UserError
 from afinar.core.layout import OutputLayout
 from afinar.core.models import unwrap_peft
-from afinar.core.prompts import IGNORE_INDEX, tokenize_example
-from afinar.train.packing import (Collator, common_prefix, divergence_targets, first_label, pack_in_order,
-                                  shared_prefix_mask)
+from afinar.core.prompts import tokenize_example
+from afinar.train.packing import Collator, common_prefix, first_label, pack_in_order, shared_prefix_mask
 
 
 class NonFiniteLoss(RuntimeError):
@@ -35,13 +34,11 @@ def triton_available() -> bool:
 
 
 def build_dataset(entries: list[dict], tokenizer, max_seq_length: int, packing: bool, open_rows: int = 1,
-                  share_prefix: bool = False, rejected: bool = False, contrast: bool = False):
+                  share_prefix: bool = False, rejected: bool = False):
     """(the rows as a Dataset, the leading tokens each packed row holds once: empty unless share_prefix).
 
     rejected (ORPO, packed rows with a shared prefix only): an entry's `rejected` answer rides in its row as a
     branch that shares the prompt (afinar.train.packing._add_rejected_branch).
-    contrast: each row with a `rejected` answer gets wrong_ids, the wrong answer's token wherever it departs from
-    the right one (afinar.train.packing.divergence_targets), for the token-contrast term of the loss.
     """
     from datasets import Dataset
 
@@ -54,35 +51,25 @@ def build_dataset(entries: list[dict], tokenizer, max_seq_length: int, packing: 
                 start = first_label(row)
                 if wrong["input_ids"][:start] == row["input_ids"][:start]:  # the same (untruncated) prompt
                     row["rejected_ids"] = wrong["input_ids"][start:]
-    if contrast:
-        for row, entry in zip(rows, entries):
-            if isinstance(entry.get("rejected"), str) and entry["rejected"].strip():
-                wrong = tokenize_example(tokenizer, {**entry, "output": entry["rejected"]}, max_seq_length)
-                start = first_label(wrong)
-                row["wrong_ids"] = divergence_targets(row, wrong["input_ids"][start:])
-            else:
-                row["wrong_ids"] = [IGNORE_INDEX] * len(row["input_ids"])
     if packing:
         rows = pack_in_order(rows, max_seq_length, open_rows, prefix)
     return Dataset.from_list(rows), prefix
 
 
 def response_only_loss(model, inputs: dict, num_items_in_batch=None, row_lengths: list[int] | None = None,
-                       pair_ids=None, orpo_beta: float = 0.0, wrong_ids=None, contrast_beta: float = 0.0):
+                       pair_ids=None, orpo_beta: float = 0.0):
     """Cross-entropy of the labelled (response) tokens, without logits for the prompt positions.
 
     Equal to the model's own loss (sum over labelled next tokens / their count, or / num_items_in_batch
     under gradient accumulation), but the 49k- or 128k-wide LM head only sees the positions that count.
     row_lengths (each row's real tokens, from the collator): with a frozen prefix attached (afinar.train.frozen_prefix),
     the frozen layers below the adapter run once per row instead of once per epoch.
-    wrong_ids, contrast_beta (the token contrast): where a wrong answer would say another token, that token must
-    lose to the right one from the same context: contrast_beta * mean of -log sigmoid(logit right - logit wrong).
-    Only those few positions feel it; the rest of the answer trains as plain SFT.
     """
     import torch
     import torch.nn.functional as F
 
     from afinar.train import frozen_prefix
+    from afinar.core.prompts import IGNORE_INDEX
 
     causal_lm = unwrap_peft(model)
     features = {k: v for k, v in inputs.items() if k != "labels"}
@@ -96,8 +83,7 @@ def response_only_loss(model, inputs: dict, num_items_in_batch=None, row_lengths
     count = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
     if pair_ids is None or not orpo_beta:
         logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()
-        sft = F.cross_entropy(logits, targets[keep], reduction="sum") / count
-        return sft + _token_contrast(logits, targets[keep], wrong_ids, keep, contrast_beta)
+        return F.cross_entropy(logits, targets[keep], reduction="sum") / count
     # ORPO (Hong et al., 2024): the SFT loss plus beta * -log sigmoid(log odds(chosen) - log odds(rejected)),
     # with each answer's mean token log-probability. The rejected answers' tokens are scored, never trained.
     pairs = pair_ids[:, :-1]
@@ -118,26 +104,7 @@ def response_only_loss(model, inputs: dict, num_items_in_batch=None, row_lengths
     # log odds = log p - log(1 - p), with log(1 - p) = log(-expm1(log p)); mean log p < 0 always
     log_odds = mean - torch.log(-torch.expm1(mean.clamp(max=-1e-6)))
     ratio = -F.logsigmoid(log_odds[:, 0] - log_odds[:, 1]).mean() if len(mean) else sft * 0
-    contrast = _token_contrast(logits[keep[scored]], targets[keep], wrong_ids, keep, contrast_beta)
-    return sft + orpo_beta * ratio + contrast
-
-
-def _token_contrast(logits, targets, wrong_ids, keep, beta: float):
-    """beta * mean over the contrasted positions of -log sigmoid(logit right - logit wrong); 0 without any.
-
-    logits and targets: those of the labelled positions (keep), in order; wrong_ids: the batch's, unshifted.
-    """
-    import torch.nn.functional as F
-
-    if wrong_ids is None or not beta:
-        return 0.0
-    wrong = wrong_ids[:, 1:][keep]
-    at = wrong >= 0
-    if not at.any():
-        return 0.0
-    picked = logits[at]
-    margin = picked.gather(-1, targets[at].unsqueeze(-1)) - picked.gather(-1, wrong[at].unsqueeze(-1))
-    return beta * -F.logsigmoid(margin).mean()
+    return sft + orpo_beta * ratio
 
 
 def use_shared_prefix_mask(model, inputs: dict, shared_prefix: int) -> None:
@@ -176,7 +143,6 @@ def _make_trainer_class(loss_impl: str = "auto"):
         kernel_fallback = None  # afinar.train.engine.kernel_fallback, until the first step has run
         loraplus_lr_ratio = 1.0  # LoRA+: lora_B's learning rate over lora_A's (1 = plain LoRA)
         orpo_beta = 0.0  # ORPO's weight on the odds ratio of chosen over rejected answers (0 = plain SFT)
-        contrast_beta = 0.0  # the token contrast's weight (response_only_loss; 0 = plain SFT)
         # On a GPU, checking each loss on the host would stall the queue once per step: the check is
         # accumulated on the device and read when the step is logged or saved (never after a bad save).
         first_bad_step = None
@@ -185,27 +151,23 @@ def _make_trainer_class(loss_impl: str = "auto"):
             tokens = int(inputs.pop("real_tokens"))
             row_lengths = inputs.pop("row_lengths", None)
             pair_ids = inputs.pop("pair_ids", None)
-            wrong_ids = inputs.pop("wrong_ids", None)
             use_shared_prefix_mask(model, inputs, self.shared_prefix)
             if not model.training:
                 # The periodic evaluation: the same response-only loss, and no training-token count.
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             self.real_tokens += tokens
-            if use_fused_head and not (pair_ids is not None and self.orpo_beta) and not self.contrast_beta:
-                # TRL's head has no ORPO or contrast term
+            if use_fused_head and not (pair_ids is not None and self.orpo_beta):  # TRL's head has no ORPO term
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             elif model is self.model and not return_outputs:
                 # TRL 1.15 always routes through a Triton-only fused LM head, which crashes on CPU
                 # ('NoneType' object has no attribute 'apply'). We compute the same token-mean
                 # cross-entropy ourselves, projecting only the response positions through the LM head.
-                accumulation = 1
+                beta = self.orpo_beta
                 if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
                     # The Trainer then adds up the micro-batches' losses without dividing them: the SFT part is
-                    # already over the whole step's tokens, ORPO's and the contrast's means are per micro-batch.
-                    accumulation = getattr(self, "current_gradient_accumulation_steps", 1) or 1
-                beta = self.orpo_beta / accumulation
-                result = response_only_loss(model, inputs, num_items_in_batch, row_lengths, pair_ids, beta,
-                                            wrong_ids, self.contrast_beta / accumulation)
+                    # already over the whole step's tokens, ORPO's mean over pairs is per micro-batch.
+                    beta /= getattr(self, "current_gradient_accumulation_steps", 1) or 1
+                result = response_only_loss(model, inputs, num_items_in_batch, row_lengths, pair_ids, beta)
             else:
                 # Wrapped (DDP) models must run their own forward so gradient hooks fire.
                 result = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
@@ -404,9 +366,8 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
     if orpo_beta and not (packing and share_prefix):
         raise UserError("--preference orpo necesita filas empaquetadas que compartan el prompt (el plan de CPU, con "
                         "atención sdpa o eager); con este motor usa --preference dpo.")
-    contrast_beta = float(settings.get("contrast_beta") or 0.0)
     dataset, shared = build_dataset(train_entries, tokenizer, settings["max_seq_length"], packing, open_rows,
-                                    share_prefix, rejected=orpo_beta > 0, contrast=contrast_beta > 0)
+                                    share_prefix, rejected=orpo_beta > 0)
     max_steps = settings.get("max_steps") or -1
     eval_steps = settings.get("eval_steps")
     # Unpacked, one row per entry: the loss of each held-out answer, as 04's perplexity scores it.
@@ -466,7 +427,6 @@ def train(model, tokenizer, train_entries: list[dict], *, layout: OutputLayout, 
     trainer.kernel_fallback = kernel_fallback
     trainer.loraplus_lr_ratio = float(settings.get("loraplus_lr_ratio") or 1.0)
     trainer.orpo_beta = orpo_beta
-    trainer.contrast_beta = contrast_beta
 
     resume_from = None
     if resume:
