@@ -107,8 +107,11 @@ def packed_logps(model, rows: Sequence[dict[str, list[int]]], groups: Sequence[S
 
 def _common_head(rows: Sequence[dict[str, list[int]]]) -> int:
     """How many leading tokens all rows share, none of them labelled (the system prompt and chat header)."""
-    if len(rows) < 2:
-        return 0
+    return _unlabelled_head(rows) if len(rows) >= 2 else 0
+
+
+def _unlabelled_head(rows: Sequence[dict[str, list[int]]]) -> int:
+    """The length of the longest run of leading tokens that every row has, before any row's first label."""
     first = rows[0]["input_ids"]
     length = min(first_label(r) for r in rows)
     while length and not all(r["input_ids"][:length] == first[:length] for r in rows):
@@ -121,12 +124,9 @@ def _pack_groups(rows, members: list[list[int]], shared: int, max_row_tokens: in
     labelled token the row index that predicts it, the target and the row of `rows` it belongs to."""
     plans = []
     for group in members:
-        seqs = [rows[i]["input_ids"] for i in group]
-        trunk = min(first_label(rows[i]) for i in group)
-        while trunk and not all(s[:trunk] == seqs[0][:trunk] for s in seqs):
-            trunk -= 1
-        trunk = max(trunk, shared)  # every row shares the first `shared` tokens, unlabelled
-        cost = trunk - shared + sum(len(s) - trunk for s in seqs)
+        # every row shares the first `shared` tokens, unlabelled
+        trunk = max(_unlabelled_head([rows[i] for i in group]), shared)
+        cost = trunk - shared + sum(len(rows[i]["input_ids"]) - trunk for i in group)
         plans.append((cost, group, trunk))
     plans.sort(key=lambda plan: -plan[0])
     packed: list[dict] = []

@@ -156,17 +156,16 @@ def _train(args, model, tokenizer, prepared: PreparedData, layout: OutputLayout,
            precision: str, device: DeviceInfo, prefix) -> dict[str, Any]:
     """SFT, then preferences; refused if the adapter came out non-finite or unchanged."""
     before = _lora_snapshot(model)
-    orpo_beta = _orpo_beta(resolved, prepared.train, device.kind)
-    metrics = train(model, tokenizer, prepared.train, layout=layout, settings={**resolved, "orpo_beta": orpo_beta},
-                    precision=precision,
+    orpo = _orpo_record(resolved, prepared.train, device.kind)
+    metrics = train(model, tokenizer, prepared.train, layout=layout,
+                    settings={**resolved, "orpo_beta": orpo["beta"] if orpo else 0.0}, precision=precision,
                     resume=args.resume, packing=resolved["packing"],
                     fixed_length=plan.compile_layers, open_rows=plan.open_rows, share_prefix=plan.share_prefix,
                     gradient_checkpointing=plan.trainer_checkpointing, eval_entries=prepared.eval,
                     kernel_fallback=engine.kernel_fallback(model, plan))
     metrics["engine"] = plan.as_dict()
-    metrics["preference"] = (
-        {"mode": "orpo", "pairs": len(preference.triples(prepared.train)), "beta": orpo_beta} if orpo_beta
-        else _preference_phase(model, tokenizer, prepared.train, resolved, device.kind, precision))
+    metrics["preference"] = orpo or _preference_phase(model, tokenizer, prepared.train, resolved, device.kind,
+                                                      precision)
     if prefix is not None:
         metrics["frozen_prefix"] = prefix.summary()
         frozen_prefix.detach(model)
@@ -267,10 +266,11 @@ def probe_rows(entries: list[dict], tokenizer, max_seq_length: int, count: int =
     return [tokenize_example(tokenizer, entry, max_seq_length) for entry in entries[:count]]
 
 
-def _orpo_beta(resolved: dict[str, Any], train_entries: list[dict], device_kind: str) -> float:
-    """ORPO's beta for the SFT (afinar.train.training.response_only_loss) with --preference orpo; 0 otherwise."""
+def _orpo_record(resolved: dict[str, Any], train_entries: list[dict], device_kind: str) -> dict[str, Any] | None:
+    """With --preference orpo, run.json's preference record: its beta goes to the SFT's loss
+    (afinar.train.training.response_only_loss). None otherwise."""
     if resolved.get("preference") != "orpo":
-        return 0.0
+        return None
     found = preference.triples(train_entries)
     if not found:
         raise UserError("--preference orpo: ninguna entrada de entrenamiento trae el campo 'rejected' (la respuesta "
@@ -279,7 +279,7 @@ def _orpo_beta(resolved: dict[str, Any], train_entries: list[dict], device_kind:
         resolved["orpo_beta"] = settings.default("orpo_beta", device_kind)
     print(f"Preferencias (ORPO dentro del SFT, beta {resolved['orpo_beta']}): {len(found)} pares (correcta, error); "
           f"cada respuesta equivocada va en la fila de su ejemplo.", flush=True)
-    return float(resolved["orpo_beta"])
+    return {"mode": "orpo", "pairs": len(found), "beta": float(resolved["orpo_beta"])}
 
 
 def _preference_phase(model, tokenizer, train_entries: list[dict], resolved: dict[str, Any], device_kind: str,
